@@ -1,0 +1,97 @@
+"""The Drafter protocol: what every draft source (n-gram, suffix tree, EAGLE head, adaptive head) implements.
+
+The engine owns the target model and the KV cache; a drafter only sees token ids (and, if it asks for them,
+the target's hidden states of tokens the target has accepted). It proposes a *chain* of up to k tokens per
+request, with a per-token confidence the controller can calibrate, and optionally the full draft distribution
+q used for exact rejection sampling. A drafter that returns no distribution is treated as deterministic
+(q = point mass on the drafted token), which is exact as long as its proposal does not depend on randomness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass
+class DraftRequest:
+    """Read-only view of one live request, handed to `Drafter.propose`.
+
+    `tokens` is the whole sequence so far (prompt + emitted output); its last token is the one the draft
+    continues from. `prompt_len` separates prompt from output. `tenant` groups requests that share a cache.
+    """
+
+    request_id: str
+    tokens: Sequence[int]
+    prompt_len: int
+    tenant: str = "default"
+
+
+@dataclass
+class Draft:
+    """A chain proposal for one request.
+
+    tokens: drafted token ids, at most the k asked for (may be empty).
+    confidence: one number in [0, 1] per drafted token: the drafter's own belief that the token is right
+        (e.g. its softmax probability, or a match frequency). Uncalibrated; the controller calibrates it.
+    q: optional [len(tokens), vocab] draft distribution each token was sampled from (sampling mode).
+        None means the proposal is deterministic: q is a point mass on each token.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
+    q: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.confidence) != len(self.tokens):
+            raise ValueError(
+                f"Draft has {len(self.tokens)} tokens but {len(self.confidence)} confidences"
+            )
+        if self.q is not None and self.q.shape[0] != len(self.tokens):
+            raise ValueError(f"Draft q has {self.q.shape[0]} rows for {len(self.tokens)} tokens")
+
+    def truncated(self, k: int) -> "Draft":
+        """The first k tokens of this draft (used when the controller trims a proposal)."""
+        q = None if self.q is None else self.q[:k]
+        return Draft(list(self.tokens[:k]), list(self.confidence[:k]), q)
+
+
+@dataclass
+class Observation:
+    """What the target accepted for one request in one step, handed to `Drafter.observe`.
+
+    tokens: the token ids newly written to the target's KV cache this step (they were input to the target
+        forward: the pending token(s) plus the accepted drafts), in order.
+    hidden: [len(tokens), len(hidden_layers), hidden_size] target hidden states at those positions for the
+        layers the drafter asked for (None when it asked for none).
+    next_token: the token the target emitted after them (the bonus or the correction): the next draft root.
+    """
+
+    request_id: str
+    tokens: list[int]
+    hidden: torch.Tensor | None
+    next_token: int
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """A source of draft tokens. Implementations live in `adaspec.core.drafters`."""
+
+    name: str
+    #: Target layers whose hidden states the drafter needs in `observe` (() = none). Index i means the output
+    #: of decoder layer i (0-based); -1 means the final normed hidden state fed to the LM head.
+    hidden_layers: tuple[int, ...]
+
+    def start(self, request: DraftRequest) -> None:
+        """A request enters the batch (prompt known, nothing generated yet)."""
+
+    def observe(self, observations: Sequence[Observation]) -> None:
+        """The target has verified a step: accepted tokens (and hidden states if asked for)."""
+
+    def propose(self, requests: Sequence[DraftRequest], ks: Sequence[int]) -> list[Draft]:
+        """Up to ks[i] draft tokens continuing requests[i]; one Draft per request, in order."""
+
+    def finish(self, request: DraftRequest) -> None:
+        """A request is complete (its full output is in request.tokens); drop per-request state."""
