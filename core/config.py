@@ -1,0 +1,146 @@
+"""Settings for every adaspec process, validated once at start-up.
+
+Sources, highest priority first: explicit keyword arguments (CLI flags), `ADASPEC_*` environment variables,
+an optional TOML file (`ADASPEC_CONFIG=path.toml` or `--config`), then the defaults below. A bad value fails
+fast with an error naming the field, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from adaspec.core.errors import ConfigError
+
+#: Name of the embedded default model (provisioned by `adaspec models fetch`).
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def default_cache_dir() -> Path:
+    """Where converted models and traces live: $XDG_CACHE_HOME/adaspec or ~/.cache/adaspec."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "adaspec"
+
+
+class Settings(BaseSettings):
+    """All adaspec knobs. Each one has a default that works; none is required."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ADASPEC_",
+        extra="forbid",
+        validate_default=True,
+        validate_assignment=True,
+    )
+
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Directory for converted models, downloaded wheels and recorded traces.",
+    )
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description=f"Target model: '{DEFAULT_MODEL}' (provisioned offline) or a local Hugging Face model dir.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where the target runs; 'auto' picks CUDA when available."
+    )
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
+        default="auto", description="Target weights dtype; 'auto' = float32 on CPU, bfloat16 on CUDA."
+    )
+    threads: int = Field(
+        default=0, ge=0, le=1024, description="torch CPU threads; 0 keeps torch's default."
+    )
+    drafter: str = Field(default="prompt-lookup", description="Default drafter name (see `adaspec drafters`).")
+    lookahead: int = Field(default=6, ge=0, le=64, description="Draft tokens proposed per step (chain length k).")
+    max_new_tokens: int = Field(default=128, ge=1, le=1_000_000, description="Default generation budget.")
+    temperature: float = Field(
+        default=0.0, ge=0.0, le=100.0, description="Sampling temperature; 0 = greedy decoding."
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1 = off).")
+    seed: int = Field(default=0, ge=0, description="Seed for sampling (per request: seed + request index).")
+    batch_size: int = Field(default=4, ge=1, le=4096, description="Requests decoded together by the engine.")
+    chat_template: bool = Field(
+        default=True, description="Wrap prompts in the model's chat template (instruct models)."
+    )
+    prompt_lookup_min_ngram: int = Field(default=1, ge=1, le=64, description="Shortest n-gram matched.")
+    prompt_lookup_max_ngram: int = Field(default=4, ge=1, le=64, description="Longest n-gram matched.")
+    compact_holes_ratio: float = Field(
+        default=0.25,
+        gt=0.0,
+        le=1.0,
+        description="Compact the batched KV cache once this fraction of its slots are rejected drafts/padding.",
+    )
+
+    @field_validator("prompt_lookup_max_ngram")
+    @classmethod
+    def _ngram_order(cls, v: int, info: Any) -> int:
+        lo = info.data.get("prompt_lookup_min_ngram", 1)
+        if v < lo:
+            raise ValueError(f"must be >= prompt_lookup_min_ngram ({lo})")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get("ADASPEC_CONFIG")
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from overrides, env and an optional TOML file; raise ConfigError naming bad fields."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    previous = os.environ.get("ADASPEC_CONFIG")
+    try:
+        if config_file is not None:
+            if not Path(config_file).is_file():
+                raise ConfigError(f"config file not found: {config_file}")
+            os.environ["ADASPEC_CONFIG"] = str(config_file)
+        elif previous and not Path(previous).is_file():
+            raise ConfigError(f"ADASPEC_CONFIG points to a missing file: {previous}")
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    except (ValueError, OSError) as exc:  # e.g. malformed TOML
+        raise ConfigError(f"cannot read settings: {exc}") from None
+    finally:
+        if config_file is not None:
+            if previous is None:
+                os.environ.pop("ADASPEC_CONFIG", None)
+            else:
+                os.environ["ADASPEC_CONFIG"] = previous
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per bad field: `field: message (got value)`, using the env var spelling users set."""
+    lines = ["invalid settings:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err.get("loc", ())) or "?"
+        got = err.get("input")
+        lines.append(f"  {field} (ADASPEC_{field.upper()}): {err.get('msg')} (got {got!r})")
+    return "\n".join(lines)
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(field, default, description) rows: the documented knob list for `adaspec config` and the README."""
+    rows = []
+    for name, info in Settings.model_fields.items():
+        default = info.default_factory() if info.default_factory else info.default  # type: ignore[call-arg]
+        rows.append((name, str(default), info.description or ""))
+    return rows

@@ -1,0 +1,46 @@
+"""Drafters by name: the one place the CLI, the benchmarks and the SGLang plugin look them up."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from adaspec.core.config import Settings
+from adaspec.core.drafters.base import Drafter
+from adaspec.core.errors import RequestError
+
+Factory = Callable[[Settings, object], Drafter]
+_FACTORIES: dict[str, tuple[Factory, str]] = {}
+
+
+def register(name: str, description: str) -> Callable[[Factory], Factory]:
+    def deco(factory: Factory) -> Factory:
+        _FACTORIES[name] = (factory, description)
+        return factory
+
+    return deco
+
+
+def available() -> dict[str, str]:
+    """name -> one-line description of every registered drafter."""
+    return {name: desc for name, (_, desc) in sorted(_FACTORIES.items())}
+
+
+def make_drafter(name: str, settings: Settings, target: object | None = None) -> Drafter:
+    """Build a drafter; unknown names raise a RequestError listing the known ones."""
+    if name not in _FACTORIES:
+        raise RequestError(f"unknown drafter {name!r}; available: {', '.join(available())}")
+    return _FACTORIES[name][0](settings, target)
+
+
+@register("none", "no drafting: plain decoding, one token per target forward")
+def _none(settings: Settings, target: object) -> Drafter:
+    from adaspec.core.drafters.none import NoneDrafter
+
+    return NoneDrafter()
+
+
+@register("prompt-lookup", "n-gram match in the request's own context (model-free)")
+def _prompt_lookup(settings: Settings, target: object) -> Drafter:
+    from adaspec.core.drafters.prompt_lookup import PromptLookupDrafter
+
+    return PromptLookupDrafter(settings.prompt_lookup_min_ngram, settings.prompt_lookup_max_ngram)

@@ -1,0 +1,50 @@
+"""Everything one process needs to serve: settings -> target model -> drafters -> engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from adaspec.core.config import Settings
+from adaspec.core.drafters.base import Drafter
+from adaspec.core.drafters.registry import make_drafter
+from adaspec.core.engine.engine import FixedPolicy, GenerationResult, Policy, RequestSpec, SpecEngine
+from adaspec.core.engine.sampling import SamplingParams
+from adaspec.core.target import Target, load_target
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    target: Target
+    drafters: dict[str, Drafter]
+    engine: SpecEngine
+
+    @classmethod
+    def load(cls, settings: Settings, drafter_names: Sequence[str] = ()) -> "Runtime":
+        """Build drafters first (an unknown name fails before the model loads), then the target."""
+        names = list(dict.fromkeys(["none", *drafter_names]))
+        from adaspec.core.drafters.registry import available
+        from adaspec.core.errors import RequestError
+
+        for n in names:
+            if n not in available():
+                raise RequestError(f"unknown drafter {n!r}; available: {', '.join(available())}")
+        target = load_target(settings)
+        drafters = {n: make_drafter(n, settings, target) for n in names}
+        engine = SpecEngine(target, drafters, settings.batch_size, settings.compact_holes_ratio)
+        return cls(settings, target, drafters, engine)
+
+    def sampling(self) -> SamplingParams:
+        s = self.settings
+        return SamplingParams(s.max_new_tokens, s.temperature, s.top_p, s.seed)
+
+    def generate(
+        self,
+        prompts: Sequence[list[int] | RequestSpec],
+        drafter: str | None = None,
+        policy: Policy | None = None,
+        params: SamplingParams | None = None,
+    ) -> list[GenerationResult]:
+        policy = policy or FixedPolicy(drafter or self.settings.drafter, self.settings.lookahead)
+        return self.engine.generate(prompts, params or self.sampling(), policy)
