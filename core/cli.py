@@ -27,8 +27,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print measur
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, soft_wrap=True)  # never break error lines mid-word
 
 ConfigOpt = typer.Option(None, "--config", help="TOML settings file (same keys as ADASPEC_* env vars).")
 ModelOpt = typer.Option(None, "--model", help="Pinned model name or a local Hugging Face model dir.")
@@ -175,6 +175,47 @@ def check_lossless_cmd(
         f"({fw_spec} vs {fw_plain} target forwards)"
     )
     if bad:
+        raise typer.Exit(1)
+
+
+@bench_app.command("speed")
+def bench_speed_cmd(
+    dataset: list[str] = typer.Option(
+        ["code_edit", "mt_bench", "humaneval"], "--dataset", "-d",
+        help="Dataset names in the shared data dir (or NAME=PATH.jsonl).",
+    ),
+    limit: int = typer.Option(4, min=1, help="Prompts per dataset."),
+    drafter: list[str] = typer.Option(["prompt-lookup", "suffix"], "--drafter", help="Drafters to compare with plain."),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1),
+    batch_size: Optional[int] = typer.Option(None, min=1),
+    lookahead: Optional[int] = typer.Option(None, "--lookahead", "-k"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON here."),
+    model: Optional[str] = ModelOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Tokens/s and tau of plain vs speculative greedy decoding, measured side by side on real prompts."""
+    import torch
+
+    from adaspec.core.bench_speed import print_speed, run_speed, write_json
+    from adaspec.core.datasets import shared_data_dir
+    from adaspec.core.runtime import Runtime
+
+    s = _settings(config, model=model, cache_dir=cache_dir, batch_size=batch_size, lookahead=lookahead,
+                  max_new_tokens=max_new_tokens, temperature=0.0)
+    paths: dict[str, Path] = {}
+    for d in dataset:
+        name, _, path = d.partition("=")
+        paths[name] = Path(path) if path else shared_data_dir() / f"{name}.jsonl"
+    rt = Runtime.load(s, drafter_names=drafter)
+    rows = run_speed(rt, paths, limit, drafter, err)
+    title = (f"{rt.target.name} on {rt.target.device} ({torch.get_num_threads()} threads), batch {s.batch_size}, "
+             f"k={s.lookahead}, {s.max_new_tokens} new tokens, greedy")
+    print_speed(rows, out, title)
+    if json_path:
+        write_json(rows, json_path, {"title": title, "settings": s.model_dump(mode="json")})
+    if not all(r.identical for r in rows):
+        err.print("[red]a speculative run changed the greedy output[/]")
         raise typer.Exit(1)
 
 

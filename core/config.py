@@ -72,6 +72,20 @@ class Settings(BaseSettings):
     )
     prompt_lookup_min_ngram: int = Field(default=1, ge=1, le=64, description="Shortest n-gram matched.")
     prompt_lookup_max_ngram: int = Field(default=4, ge=1, le=64, description="Longest n-gram matched.")
+    suffix_max_depth: int = Field(default=32, ge=1, le=256, description="Suffix drafter: longest context suffix matched.")
+    suffix_spec_factor: float = Field(
+        default=1.0, ge=0.0, le=64.0, description="Suffix drafter: draft length <= factor x match length."
+    )
+    suffix_min_token_prob: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Suffix drafter: stop a chain below this cumulative probability."
+    )
+    suffix_cache_max_responses: int = Field(
+        default=1024, ge=0, le=10_000_000, description="Suffix drafter: past responses kept per tenant (FIFO)."
+    )
+    suffix_cache_max_tokens: int = Field(
+        default=131072, ge=0, le=100_000_000, description="Suffix drafter: past-response tokens kept per tenant."
+    )
+    suffix_max_tenants: int = Field(default=8, ge=1, le=100_000, description="Suffix drafter: tenant caches kept (LRU).")
     compact_holes_ratio: float = Field(
         default=0.25,
         gt=0.0,

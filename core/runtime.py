@@ -35,6 +35,11 @@ class Runtime:
         engine = SpecEngine(target, drafters, settings.batch_size, settings.compact_holes_ratio)
         return cls(settings, target, drafters, engine)
 
+    def reset_drafters(self) -> None:
+        """Fresh drafter state (e.g. empty suffix caches), so one benchmark run cannot learn from another."""
+        self.drafters = {n: make_drafter(n, self.settings, self.target) for n in self.drafters}
+        self.engine.drafters = dict(self.drafters)
+
     def sampling(self) -> SamplingParams:
         s = self.settings
         return SamplingParams(s.max_new_tokens, s.temperature, s.top_p, s.seed)

@@ -44,3 +44,18 @@ def _prompt_lookup(settings: Settings, target: object) -> Drafter:
     from adaspec.core.drafters.prompt_lookup import PromptLookupDrafter
 
     return PromptLookupDrafter(settings.prompt_lookup_min_ngram, settings.prompt_lookup_max_ngram)
+
+
+@register("suffix", "suffix tree over this request and past responses of its tenant (model-free)")
+def _suffix(settings: Settings, target: object) -> Drafter:
+    from adaspec.core.drafters.suffix import SuffixDrafter
+
+    return SuffixDrafter(
+        max_depth=settings.suffix_max_depth,
+        max_spec_tokens=64,  # k comes from the policy; this is only a hard cap
+        spec_factor=settings.suffix_spec_factor,
+        min_token_prob=settings.suffix_min_token_prob,
+        cache_max_responses=settings.suffix_cache_max_responses,
+        cache_max_tokens=settings.suffix_cache_max_tokens,
+        max_tenants=settings.suffix_max_tenants,
+    )
