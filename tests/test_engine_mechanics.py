@@ -105,7 +105,7 @@ def test_never_overshoots_max_new_tokens(no_eos_target, prompts, reference):
 
 
 def test_context_window_is_respected():
-    from conftest import make_tiny_target
+    from tiny_models import make_tiny_target
 
     target = dataclasses.replace(make_tiny_target(context=48), eos_token_ids=frozenset())
     prompt = random_prompts(1, seed=5, lo=30, hi=30)[0][:40]

@@ -178,7 +178,7 @@ def test_stager_as_engine_between_steps_hook(head, registry):
     from adaspec.core.engine.engine import FixedPolicy, SpecEngine
     from adaspec.core.engine.sampling import SamplingParams
 
-    from conftest import make_tiny_target
+    from tiny_models import make_tiny_target
 
     class Echo:
         name, hidden_layers = "echo", ()
