@@ -49,6 +49,11 @@ class StepRecord:
     draft_s: float
     verify_s: float
     prefill: bool
+    #: Token ids behind the counts (what the sidecar trains on).
+    draft_tokens: list[int] = field(default_factory=list)
+    emitted_tokens: list[int] = field(default_factory=list)
+    #: Target hidden states of the kept positions, only when the engine records features (log sampling).
+    features: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 class Policy(Protocol):
@@ -149,6 +154,8 @@ class SpecEngine:
         self.step_listeners: list = []
         #: Called between steps, before planning (weight swaps happen here, never mid-forward).
         self.between_steps: list = []
+        #: Attach target hidden states of kept positions to StepRecord.features (for log sampling).
+        self.record_features = False
         layers: set[int] = set()
         for d in self.drafters.values():
             layers.update(d.hidden_layers)
@@ -331,7 +338,10 @@ class SpecEngine:
                 k=plans[i].k, drafted=len(drafts[i].tokens), accepted=a, emitted=n_emitted,
                 confidence=list(drafts[i].confidence), batch_size=B, chunk_tokens=int(pend[i] + dlen[i]),
                 draft_s=draft_s, verify_s=verify_s, prefill=prefill,
+                draft_tokens=list(drafts[i].tokens), emitted_tokens=list(emitted[:n_emitted]),
             )
+            if self.record_features and hidden is not None:
+                rec.features = hidden[i, : len(kept)]
             st.records.append(rec)
             records.append(rec)
             h = None if hidden is None else hidden[i, : len(kept)]
