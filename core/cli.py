@@ -219,6 +219,25 @@ def bench_speed_cmd(
         raise typer.Exit(1)
 
 
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@bench_app.command("kernels", context_settings=_PASSTHROUGH)
+def bench_kernels_cmd(ctx: typer.Context) -> None:
+    """Kernel vs torch timings (CUDA; on CPU only the torch references). Extra args go to the benchmark."""
+    from adaspec.kernels.bench import main as kernels_main
+
+    raise typer.Exit(kernels_main(list(ctx.args)) or 0)
+
+
+@bench_app.command("suffix", context_settings=_PASSTHROUGH)
+def bench_suffix_cmd(ctx: typer.Context) -> None:
+    """Suffix drafter propose/update cost per request-step and memory. Extra args go to the benchmark."""
+    from adaspec.core.bench_suffix import main as suffix_main
+
+    raise typer.Exit(suffix_main(list(ctx.args)) or 0)
+
+
 def main() -> None:
     """Console-script entry point: user errors become a clear message and exit code 2."""
     try:
