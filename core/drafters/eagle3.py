@@ -1,0 +1,184 @@
+"""The `static` drafter: an EAGLE-3 head drafting greedy chains from the target's low/mid/high features.
+
+Per request it keeps the head's own KV cache over the target positions the target has committed: position
+t holds the pair (target features at t, token t+1), exactly SGLang's draft-extend layout. Only verified
+pairs ever enter that cache, so rejection needs no rollback: the chain's own positions live in a scratch
+copy for the duration of one `propose`. `observe` extends the cache with the newly committed positions
+(batched over requests) and already computes the first draft token, so `propose` pays k-1 head steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from adaspec import kernels
+from adaspec.core.drafters.base import Draft, DraftRequest, Observation
+from adaspec.core.heads.eagle3 import Eagle3Head
+
+
+def default_head_dir(cache_dir: Path | str, model: str) -> Path:
+    """Where `adaspec train-static` writes a model's head by default (the drafter loads `<dir>/final`)."""
+    return Path(cache_dir) / "heads" / Path(model).name / "eagle3"
+
+
+class HiddenSelect:
+    """Picks a drafter's layers out of `Observation.hidden`, which carries the ENGINE's sorted layer union.
+
+    With one hidden-state drafter in the engine the union is the drafter's own (sorted) set; otherwise the
+    engine's tuple must be bound with `bind` (SpecEngine.hidden_layers).
+    """
+
+    def __init__(self, own: tuple[int, ...]) -> None:
+        self.own = tuple(own)
+        self.engine_layers: tuple[int, ...] | None = None
+
+    def bind(self, engine_layers: Sequence[int]) -> None:
+        missing = [l for l in self.own if l not in engine_layers]
+        if missing:
+            raise ValueError(f"engine delivers layers {tuple(engine_layers)}, missing {missing}")
+        self.engine_layers = tuple(engine_layers)
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        """[n, len(engine layers), d] -> [n, len(own), d] in the drafter's order."""
+        layers = self.engine_layers
+        if layers is None:
+            if hidden.shape[1] != len(self.own):
+                raise RuntimeError(
+                    f"observation carries {hidden.shape[1]} layers, drafter wants {self.own}: call "
+                    "bind_hidden_layers(engine.hidden_layers) when several drafters ask for hidden states"
+                )
+            layers = tuple(sorted(self.own))
+        return hidden[:, [layers.index(l) for l in self.own]]
+
+
+@dataclass
+class _HeadState:
+    """One request's head cache: keys/values [Hkv, S, hd] of its S committed pairs, and the next draft root."""
+
+    k: Tensor
+    v: Tensor
+    pre: Tensor | None = None  # pre-norm head output at the last committed position (fed back as hidden)
+    first_id: int = -1
+    first_p: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return int(self.k.shape[1])
+
+
+def pad_past(states: Sequence[_HeadState], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-pad per-request caches into [B, Hkv, S_max, hd] k/v and a [B, S_max] validity mask."""
+    H, hd = states[0].k.shape[0], states[0].k.shape[2]
+    S = max(s.length for s in states)
+    dtype = states[0].k.dtype
+    k = torch.zeros(len(states), H, S, hd, dtype=dtype, device=device)
+    v = torch.zeros_like(k)
+    valid = torch.zeros(len(states), S, dtype=torch.bool, device=device)
+    for i, s in enumerate(states):
+        k[i, :, : s.length] = s.k
+        v[i, :, : s.length] = s.v
+        valid[i, : s.length] = True
+    return k, v, valid
+
+
+class Eagle3Drafter:
+    """Drafter protocol over an `Eagle3Head`; greedy chains, confidence = the head's softmax probability."""
+
+    def __init__(self, head: Eagle3Head, name: str = "static") -> None:
+        self.name = name
+        self.head = head.eval()
+        self.hidden_layers: tuple[int, ...] = tuple(head.cfg.aux_layers)
+        self.select = HiddenSelect(self.hidden_layers)
+        self.states: dict[str, _HeadState] = {}
+
+    @classmethod
+    def from_path(cls, path: Path | str, target: Any, name: str = "static") -> "Eagle3Drafter":
+        from adaspec.core.heads.export_sglang import load_sglang
+
+        return cls(load_sglang(path, target), name)
+
+    def bind_hidden_layers(self, engine_layers: Sequence[int]) -> None:
+        self.select.bind(engine_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.fc.weight.device
+
+    def start(self, request: DraftRequest) -> None:
+        c = self.head.cfg
+        empty = torch.zeros(c.num_kv_heads, 0, c.head_dim, dtype=self.head.dtype, device=self.device)
+        self.states[request.request_id] = _HeadState(empty, empty.clone())
+
+    def finish(self, request: DraftRequest) -> None:
+        self.states.pop(request.request_id, None)
+
+    @torch.inference_mode()
+    def observe(self, observations: Sequence[Observation]) -> None:
+        obs = [o for o in observations if o.request_id in self.states and o.hidden is not None and o.tokens]
+        if not obs:
+            return
+        head, dev = self.head, self.device
+        states = [self.states[o.request_id] for o in obs]
+        B, C = len(obs), max(len(o.tokens) for o in obs)
+        width = head.fc.in_features
+        aux = torch.zeros(B, C, width, dtype=head.dtype, device=dev)
+        tokens = torch.zeros(B, C, dtype=torch.long, device=dev)
+        positions = torch.zeros(B, C, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, C, dtype=torch.bool, device=dev)
+        for i, (o, st) in enumerate(zip(obs, states)):
+            n = len(o.tokens)
+            aux[i, :n] = self.select(o.hidden).reshape(n, width).to(dev, head.dtype)
+            tokens[i, :n] = torch.tensor(o.tokens[1:] + [o.next_token], device=dev)  # pair (h_t, token t+1)
+            positions[i] = st.length + torch.arange(C, device=dev).clamp(max=n - 1)
+            valid[i, :n] = True
+        past_k, past_v, past_valid = pad_past(states, dev)
+        pre, k, v = head.extend(tokens, head.fuse(aux), positions, past_k, past_v, past_valid, valid)
+        last = torch.stack([pre[i, len(o.tokens) - 1] for i, o in enumerate(obs)])
+        ids, probs = kernels.draft_topk(head.logits_hidden(last), head.lm_head_weight, 1)
+        ids = head.to_target_ids(ids[:, 0]).tolist()
+        for i, (o, st) in enumerate(zip(obs, states)):
+            n = len(o.tokens)
+            st.k = torch.cat([st.k, k[i, :, :n]], dim=1)
+            st.v = torch.cat([st.v, v[i, :, :n]], dim=1)
+            st.pre, st.first_id, st.first_p = last[i], int(ids[i]), float(probs[i, 0])
+
+    @torch.inference_mode()
+    def propose(self, requests: Sequence[DraftRequest], ks: Sequence[int]) -> list[Draft]:
+        drafts = [Draft() for _ in requests]
+        live = [i for i, r in enumerate(requests) if ks[i] > 0 and self._ready(r.request_id)]
+        if not live:
+            return drafts
+        head, dev = self.head, self.device
+        states = [self.states[requests[i].request_id] for i in live]
+        toks = [[st.first_id] for st in states]
+        confs = [[st.first_p] for st in states]
+        K = max(ks[i] for i in live)
+        if K > 1:
+            past_k, past_v, past_valid = pad_past(states, dev)
+            B = len(states)
+            g = torch.stack([st.pre for st in states]).unsqueeze(1)
+            tok = torch.tensor([st.first_id for st in states], device=dev).unsqueeze(1)
+            pos = torch.tensor([st.length for st in states], device=dev).unsqueeze(1)
+            one = torch.ones(B, 1, dtype=torch.bool, device=dev)
+            for _ in range(K - 1):
+                pre, k, v = head.extend(tok, g, pos, past_k, past_v, past_valid, one)
+                past_k, past_v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+                past_valid = torch.cat([past_valid, one], 1)
+                ids, probs = kernels.draft_topk(head.logits_hidden(pre[:, 0]), head.lm_head_weight, 1)
+                tok = head.to_target_ids(ids)
+                g, pos = pre, pos + 1
+                for j, (t, p) in enumerate(zip(tok[:, 0].tolist(), probs[:, 0].tolist())):
+                    toks[j].append(int(t))
+                    confs[j].append(float(p))
+        for j, i in enumerate(live):
+            drafts[i] = Draft(toks[j][: ks[i]], confs[j][: ks[i]])
+        return drafts
+
+    def _ready(self, request_id: str) -> bool:
+        st = self.states.get(request_id)
+        return st is not None and st.pre is not None

@@ -1,0 +1,215 @@
+"""The adaptive head: a light MLP drafter, cheap enough to fine-tune online from live traffic.
+
+No attention, no KV cache: from the target's final normed hidden h_t (layer -1, what the target's own LM
+head reads at position t) and the embedding of token t+1 (the token the target just emitted there), it
+predicts a hidden g whose LM-head logits give token t+2:
+
+    g = h + down(silu(up(cat(rmsnorm(h), rmsnorm(embed(token))))))      # `down` starts at zero
+
+Residual-friendly init: at step 0 g == h, so the head starts as a valid distribution in the target's own
+hidden space (it repeats the target's last prediction) and every update is a small correction to it,
+which keeps online AdamW steps stable. Chains of k > 1 feed g back as the next h, EAGLE-style, with the
+drafted token as the next input; `learn` trains exactly that unroll (teacher-forced tokens, own hidden).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adaspec import kernels
+from adaspec.core.heads.eagle3 import RMSNorm
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    hidden_size: int
+    vocab_size: int
+    inner_size: int = 1024
+    rms_norm_eps: float = 1e-5
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    #: Loss weight of unroll step j is decay**j (later chain positions matter less, as in EAGLE-3).
+    step_decay: float = 0.8
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AdaptiveFeatures:
+    """Training inputs: h_t [N, d] (target layer -1 at position t) and token t+1 [N]."""
+
+    hidden: Tensor
+    tokens: Tensor
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def features_from_stream(
+    hidden: Tensor, tokens: Tensor | list[int], unroll: int = 1, first: int = 0
+) -> tuple[AdaptiveFeatures, Tensor]:
+    """Samples from one sequence: hidden [T, d] at positions 0..T-1, tokens [T+1] (token T = the last emitted).
+
+    Sample t (t >= first) is (h_t, token t+1) with targets token t+2 .. t+1+unroll (IGNORE past the end).
+    Returns (features, target_tokens [N, unroll]).
+    """
+    tok = torch.as_tensor(tokens, dtype=torch.long)
+    T = hidden.shape[0]
+    if tok.shape[0] != T + 1:
+        raise ValueError(f"need T+1={T + 1} tokens for {T} hidden rows, got {tok.shape[0]}")
+    t = torch.arange(first, max(first, T - 1))
+    padded = torch.cat([tok, torch.full((unroll,), IGNORE, dtype=torch.long)])
+    if not len(t):
+        return AdaptiveFeatures(hidden[:0], tok[:0]), torch.zeros(0, unroll, dtype=torch.long)
+    targets = torch.stack([padded[t + 2 + j] for j in range(unroll)], dim=1)
+    return AdaptiveFeatures(hidden[t], tok[t + 1]), targets
+
+
+class AdaptiveHead(nn.Module):
+    """MLP over [h, embed(token)] -> residual hidden -> the target's frozen LM head."""
+
+    def __init__(self, cfg: AdaptiveConfig, embed_weight: Tensor, lm_head_weight: Tensor) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.embed_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.up = nn.Linear(2 * d, cfg.inner_size, bias=False)
+        self.down = nn.Linear(cfg.inner_size, d, bias=False)
+        nn.init.zeros_(self.down.weight)
+        object.__setattr__(self, "embed_weight", embed_weight.detach())
+        object.__setattr__(self, "lm_head_weight", lm_head_weight.detach())
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def for_target(cls, target: Any, inner_size: int = 1024, seed: int = 0, **overrides: Any) -> "AdaptiveHead":
+        model = target.model
+        cfg = AdaptiveConfig(
+            hidden_size=int(model.config.hidden_size),
+            vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+            inner_size=inner_size,
+            rms_norm_eps=float(getattr(model.config, "rms_norm_eps", 1e-5)),
+            **overrides,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = cls(cfg, model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+        return head.to(target.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.up.weight.dtype
+
+    def step(self, hidden: Tensor, tokens: Tensor) -> Tensor:
+        """One draft position: h [N, d], token [N] -> g [N, d] (g's logits predict the token after `tokens`)."""
+        h = hidden.to(self.dtype)
+        e = F.embedding(tokens, self.embed_weight).to(self.dtype)
+        x = torch.cat([self.hidden_norm(h), self.embed_norm(e)], dim=-1)
+        return h + self.down(F.silu(self.up(x)))
+
+    @torch.inference_mode()
+    def draft(self, hidden: Tensor, tokens: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Greedy chains of k tokens: ids [N, k] and their softmax probabilities [N, k]."""
+        ids, probs = [], []
+        h, tok = hidden, tokens
+        for _ in range(k):
+            h = self.step(h, tok)
+            i, p = kernels.draft_topk(h, self.lm_head_weight, 1)
+            tok = i[:, 0]
+            ids.append(tok)
+            probs.append(p[:, 0])
+        return torch.stack(ids, 1), torch.stack(probs, 1)
+
+    # -- online learning ----------------------------------------------------------------------------------
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            self._optimizer = torch.optim.AdamW(
+                self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.98)
+            )
+        return self._optimizer
+
+    def loss(
+        self, features: AdaptiveFeatures, target_tokens: Tensor,
+        target_topk_logits: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Unrolled loss: step j reads its own previous hidden and the true token; weight decay**j.
+
+        target_tokens [N] or [N, U] (IGNORE = no target). target_topk_logits, optional (ids, logits) each
+        [N, U, k]: the target's top-k logits; then the loss is the soft cross-entropy against their softmax.
+        """
+        dev = self.up.weight.device
+        tgt = target_tokens.to(dev).long()
+        tgt = tgt.unsqueeze(1) if tgt.dim() == 1 else tgt
+        h = features.hidden.to(dev).clone()
+        tok = features.tokens.to(dev).long().clone()
+        alive = torch.ones_like(tok, dtype=torch.bool)
+        total, weight_sum, correct, counted = h.new_zeros((), dtype=torch.float32), 0.0, 0, 0
+        for j in range(tgt.shape[1]):
+            y = tgt[:, j]
+            keep = alive & (y != IGNORE)
+            if not bool(keep.any()):
+                break
+            h = self.step(h, tok)
+            logits = h.float() @ self.lm_head_weight.float().T
+            if target_topk_logits is not None:
+                ids, tl = (t.to(dev) for t in target_topk_logits)
+                logp = torch.log_softmax(logits, -1).gather(-1, ids[:, j].long())
+                per = -(torch.softmax(tl[:, j].float(), -1) * logp).sum(-1)
+            else:
+                per = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
+            w = self.cfg.step_decay**j
+            total = total + w * per[keep].mean()
+            weight_sum += w
+            if j == 0:
+                correct, counted = int((logits.argmax(-1) == y)[keep].sum()), int(keep.sum())
+            alive = keep
+            tok = y.clamp(min=0)
+        loss = total / max(weight_sum, 1e-9)
+        return loss, {"acc": correct / max(counted, 1), "tokens": float(counted)}
+
+    def learn(
+        self, features: AdaptiveFeatures, target_tokens: Tensor,
+        target_topk_logits: tuple[Tensor, Tensor] | None = None, steps: int = 1,
+    ) -> dict[str, float]:
+        """`steps` AdamW steps (grad-norm clipped) on one batch; returns the first step's loss/acc and tokens."""
+        report: dict[str, float] = {}
+        with torch.inference_mode(False), torch.enable_grad():
+            feats = AdaptiveFeatures(features.hidden.clone(), features.tokens.clone())
+            tgt = target_tokens.clone()
+            topk = None if target_topk_logits is None else tuple(t.clone() for t in target_topk_logits)
+            self.train()
+            opt = self.optimizer()
+            for s in range(steps):
+                loss, stats = self.loss(feats, tgt, topk)  # type: ignore[arg-type]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.parameters(), self.cfg.grad_clip)
+                opt.step()
+                if s == 0:
+                    report = {"loss": float(loss.detach()), **stats}
+            self.eval()
+        return report
+
+    @torch.inference_mode()
+    def accuracy(self, features: AdaptiveFeatures, target_tokens: Tensor) -> float:
+        """Top-1 agreement of the first draft token with target_tokens[:, 0] (a quick held-out metric)."""
+        tgt = target_tokens if target_tokens.dim() == 1 else target_tokens[:, 0]
+        keep = tgt != IGNORE
+        if not bool(keep.any()):
+            return 0.0
+        g = self.step(features.hidden.to(self.up.weight.device), features.tokens.to(self.up.weight.device))
+        pred = kernels.draft_topk(g, self.lm_head_weight, 1)[0][:, 0].cpu()
+        return float((pred == tgt)[keep].float().mean())
+
+    def reset_optimizer(self) -> None:
+        """Forget AdamW moments (after a weight swap from elsewhere, the old moments no longer apply)."""
+        self._optimizer = None
