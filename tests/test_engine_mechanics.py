@@ -158,3 +158,20 @@ def test_hidden_states_are_the_targets(no_eos_target):
         hs = no_eos_target.model(full, output_hidden_states=True).hidden_states[1][0]
     got = torch.cat([h[:, 0] for h in captured])
     torch.testing.assert_close(got, hs, rtol=1e-4, atol=1e-4)
+
+
+def test_each_drafter_gets_its_own_layers_in_its_order(no_eos_target):
+    """Drafters asking for different layers each receive [n, len(own layers), d] in their own order."""
+    a, b = RecordingDrafter(hidden_layers=(0,)), RecordingDrafter(hidden_layers=(-1, 0))
+    b.name = "recorder-b"
+    seen: dict[str, list] = {"recorder": [], "recorder-b": []}
+    for d in (a, b):
+        orig = d.observe
+        d.observe = lambda obs, d=d, orig=orig: (seen[d.name].extend(o.hidden for o in obs), orig(obs))
+    eng = SpecEngine(no_eos_target, [a, b], batch_size=2)
+    eng.generate(random_prompts(2, seed=4), SamplingParams(max_new_tokens=5), FixedPolicy("none", 0))
+    assert eng.hidden_layers == (-1, 0)
+    for ha, hb in zip(seen["recorder"], seen["recorder-b"]):
+        assert ha.shape[1] == 1 and hb.shape[1] == 2
+        torch.testing.assert_close(ha[:, 0], hb[:, 1])
+        assert not torch.allclose(hb[:, 0], hb[:, 1])

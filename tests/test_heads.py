@@ -135,8 +135,6 @@ def test_drafting_is_lossless(target, trained, batch_size, drafter):
     static, adaptive = Eagle3Drafter(trained), AdaptiveDrafter(AdaptiveHead.for_target(target, inner_size=32))
     drafters = {"static": [static], "adaptive": [adaptive], "both": [static, adaptive]}[drafter]
     engine = SpecEngine(target, drafters, batch_size=batch_size)
-    for d in drafters:
-        d.bind_hidden_layers(engine.hidden_layers)
     policy = Alternate() if drafter == "both" else FixedPolicy(drafter, 4)
     res = engine.generate(prompts, params, policy)
     assert [r.output_tokens for r in res] == [r.output_tokens for r in ref]

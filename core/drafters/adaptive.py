@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from adaspec.core.drafters.base import Draft, DraftRequest, Observation
-from adaspec.core.drafters.eagle3 import HiddenSelect
 from adaspec.core.heads.adaptive import AdaptiveFeatures, AdaptiveHead, features_from_stream
 
 
@@ -39,14 +38,11 @@ class AdaptiveDrafter:
     def __init__(self, head: AdaptiveHead, name: str = "adaptive", collect: int = 0, unroll: int = 3) -> None:
         self.name = name
         self.head = head.eval()
-        self.select = HiddenSelect(self.hidden_layers)
         self.states: dict[str, _Stream] = {}
         self.collect, self.unroll = collect, unroll
         self.experience: deque[tuple[AdaptiveFeatures, Tensor]] = deque()
         self._buffered = 0
 
-    def bind_hidden_layers(self, engine_layers: Sequence[int]) -> None:
-        self.select.bind(engine_layers)
 
     def start(self, request: DraftRequest) -> None:
         st = _Stream(request.prompt_len)
@@ -59,7 +55,7 @@ class AdaptiveDrafter:
             st = self.states.get(o.request_id)
             if st is None or o.hidden is None or not o.tokens:
                 continue
-            h = self.select(o.hidden)[:, 0]  # [n, d]
+            h = o.hidden[:, 0]  # [n, d]
             st.hidden, st.next_token = h[-1], o.next_token
             if self.collect:
                 lo = max(0, st.first - st.committed)

@@ -26,36 +26,6 @@ def default_head_dir(cache_dir: Path | str, model: str) -> Path:
     return Path(cache_dir) / "heads" / Path(model).name / "eagle3"
 
 
-class HiddenSelect:
-    """Picks a drafter's layers out of `Observation.hidden`, which carries the ENGINE's sorted layer union.
-
-    With one hidden-state drafter in the engine the union is the drafter's own (sorted) set; otherwise the
-    engine's tuple must be bound with `bind` (SpecEngine.hidden_layers).
-    """
-
-    def __init__(self, own: tuple[int, ...]) -> None:
-        self.own = tuple(own)
-        self.engine_layers: tuple[int, ...] | None = None
-
-    def bind(self, engine_layers: Sequence[int]) -> None:
-        missing = [l for l in self.own if l not in engine_layers]
-        if missing:
-            raise ValueError(f"engine delivers layers {tuple(engine_layers)}, missing {missing}")
-        self.engine_layers = tuple(engine_layers)
-
-    def __call__(self, hidden: Tensor) -> Tensor:
-        """[n, len(engine layers), d] -> [n, len(own), d] in the drafter's order."""
-        layers = self.engine_layers
-        if layers is None:
-            if hidden.shape[1] != len(self.own):
-                raise RuntimeError(
-                    f"observation carries {hidden.shape[1]} layers, drafter wants {self.own}: call "
-                    "bind_hidden_layers(engine.hidden_layers) when several drafters ask for hidden states"
-                )
-            layers = tuple(sorted(self.own))
-        return hidden[:, [layers.index(l) for l in self.own]]
-
-
 @dataclass
 class _HeadState:
     """One request's head cache: keys/values [Hkv, S, hd] of its S committed pairs, and the next draft root."""
@@ -93,7 +63,6 @@ class Eagle3Drafter:
         self.name = name
         self.head = head.eval()
         self.hidden_layers: tuple[int, ...] = tuple(head.cfg.aux_layers)
-        self.select = HiddenSelect(self.hidden_layers)
         self.states: dict[str, _HeadState] = {}
 
     @classmethod
@@ -102,8 +71,6 @@ class Eagle3Drafter:
 
         return cls(load_sglang(path, target), name)
 
-    def bind_hidden_layers(self, engine_layers: Sequence[int]) -> None:
-        self.select.bind(engine_layers)
 
     @property
     def device(self) -> torch.device:
@@ -132,7 +99,7 @@ class Eagle3Drafter:
         valid = torch.zeros(B, C, dtype=torch.bool, device=dev)
         for i, (o, st) in enumerate(zip(obs, states)):
             n = len(o.tokens)
-            aux[i, :n] = self.select(o.hidden).reshape(n, width).to(dev, head.dtype)
+            aux[i, :n] = o.hidden.reshape(n, width).to(dev, head.dtype)
             tokens[i, :n] = torch.tensor(o.tokens[1:] + [o.next_token], device=dev)  # pair (h_t, token t+1)
             positions[i] = st.length + torch.arange(C, device=dev).clamp(max=n - 1)
             valid[i, :n] = True

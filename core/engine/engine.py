@@ -348,10 +348,19 @@ class SpecEngine:
             observations.append(Observation(st.request_id, kept, h, next_l[i]))
             st.pending = [next_l[i]]
         for d in self.drafters.values():
-            d.observe(observations)
+            d.observe(self._own_layers(d, observations))
         policy.feedback(records)
         for listener in self.step_listeners:
             listener(records)
+
+    def _own_layers(self, drafter: Drafter, observations: list[Observation]) -> list[Observation]:
+        """Observations carrying exactly the drafter's own `hidden_layers`, in its order (or no hidden)."""
+        want = tuple(drafter.hidden_layers)
+        if want == self.hidden_layers:
+            return observations
+        idx = [self.hidden_layers.index(layer) for layer in want]
+        return [Observation(o.request_id, o.tokens, o.hidden[:, idx] if idx and o.hidden is not None else None,
+                            o.next_token) for o in observations]
 
     def _emit(self, st: RequestState, tokens: list[int], kv_len: int) -> int:
         """Append verified tokens, stopping at EOS, the token budget or the context window."""
