@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from adaspec.core.config import Settings, load_settings, settings_table
-from adaspec.core.errors import AdaspecError
+from adaspec.core.errors import AdaspecError, ConfigError
 
 app = typer.Typer(
     add_completion=False,
@@ -217,6 +217,58 @@ def bench_speed_cmd(
     if not all(r.identical for r in rows):
         err.print("[red]a speculative run changed the greedy output[/]")
         raise typer.Exit(1)
+
+
+@app.command("train-static")
+def train_static_cmd(
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output dir (default: <cache>/heads/<model>/eagle3)."),
+    prompts: Optional[Path] = typer.Option(None, help="JSONL prompts (default: the shared alpaca.jsonl)."),
+    offset: int = typer.Option(0, min=0, help="First prompt of the training slice."),
+    limit: int = typer.Option(512, min=1, help="Prompts in the training slice."),
+    max_new_tokens_gen: int = typer.Option(256, "--max-new-tokens", min=1, help="Target response length recorded."),
+    gen_batch_size: int = typer.Option(8, min=1, help="Batch size while recording the target's responses."),
+    aux_layers: Optional[str] = typer.Option(None, help="Target layers fused by the head, e.g. '1,14,26' "
+                                             "(default: SGLang 0.5.17's EAGLE-3 default for the depth)."),
+    ttt_steps: int = typer.Option(4, min=1, help="Training-time-test unroll length."),
+    epochs: float = typer.Option(2.0, min=0.01),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Overrides --epochs."),
+    batch_seqs: int = typer.Option(2, min=1, help="Sequences per optimizer step."),
+    lr: float = typer.Option(5e-4, min=0.0),
+    warmup_steps: int = typer.Option(50, min=0),
+    grad_clip: float = typer.Option(0.5, min=0.0),
+    save_every: int = typer.Option(200, min=1, help="Checkpoint every N steps (resumable)."),
+    seed: Optional[int] = typer.Option(None, min=0),
+    eval_prompts: int = typer.Option(16, min=0, help="Held-out prompts after the slice for the final tau."),
+    eval_k: int = typer.Option(4, min=1),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Start over even if a checkpoint exists."),
+    model: Optional[str] = ModelOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Self-distil an EAGLE-3-style static head from the target's own responses (resumable)."""
+    from adaspec.core.drafters.eagle3 import default_head_dir
+    from adaspec.core.target import load_target
+    from adaspec.core.train_static import StaticTrainArgs, train_static
+
+    s = _settings(config, model=model, cache_dir=cache_dir, seed=seed)
+    layers = None
+    if aux_layers:
+        try:
+            layers = tuple(int(x) for x in aux_layers.split(","))
+        except ValueError:
+            raise ConfigError(f"--aux-layers must be comma-separated integers, got {aux_layers!r}") from None
+    args = StaticTrainArgs(
+        out_dir=out_dir or default_head_dir(s.cache_dir, s.model), cache_dir=s.cache_dir, prompts_file=prompts,
+        prompt_offset=offset, prompt_limit=limit, max_new_tokens=max_new_tokens_gen,
+        gen_batch_size=gen_batch_size, aux_layers=layers, ttt_steps=ttt_steps, epochs=epochs,
+        max_steps=max_steps, batch_seqs=batch_seqs, lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip,
+        save_every=save_every, seed=s.seed, eval_prompts=eval_prompts, eval_k=eval_k, resume=not no_resume,
+    )
+    path = train_static(args, load_target(s))
+    out.print(str(path))
+    ev = Path(path).parent / "eval.json"
+    if ev.is_file():
+        out.print(ev.read_text())
 
 
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

@@ -119,3 +119,15 @@ def test_check_lossless_passes_and_catches_a_broken_verifier(data_dir, monkeypat
     monkeypatch.setattr(kernels, "greedy_verify", accept_everything)
     bad = CliRunner().invoke(app, args)
     assert bad.exit_code == 1 and "DIVERGED" in bad.output
+
+
+@pytest.mark.model
+def test_train_static_end_to_end_tiny_run(tmp_path):
+    """Two optimizer steps on the real model: records, trains, exports the SGLang-format head, evaluates tau."""
+    out = tmp_path / "head"
+    proc = cli("train-static", "--out", str(out), "--limit", "3", "--max-new-tokens", "12", "--max-steps", "2",
+               "--eval-prompts", "1", "--save-every", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "final" / "config.json").is_file() and (out / "final" / "model.safetensors").is_file()
+    report = json.loads((out / "eval.json").read_text())
+    assert report["tau"] >= 1.0 and '"tau"' in proc.stdout
