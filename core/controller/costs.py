@@ -1,0 +1,163 @@
+"""Cost model: how long a step takes for a given batch of chains, learned online from StepRecords.
+
+Verify: one target forward over the whole chunk, t = a + b * tokens + c * batch (tokens = pending + drafted
+tokens over the batch). Fit by recursive least squares with forgetting, regularised toward the start-up
+values (which count as `prior_weight` observations), in scaled units so the prior means the same thing on a
+GPU (ms) as on a CPU (tens of ms). A linear model is enough for the controller's question: what does one more
+verified token cost (b), against what does the step cost anyway (a + c * batch). When b dominates, verify is
+compute-bound and speculation stops paying.
+
+Draft: seconds per drafted token per drafter. The engine times all drafters of a step together, so the
+per-drafter costs are fitted by normalised LMS on draft_s = sum_d cost_d * tokens_d (an EMA per token when a
+step used one drafter).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from adaspec.core.engine.engine import StepRecord
+
+_TOK_SCALE = 100.0  # feature scaling: tokens / 100, batch / 10
+_BATCH_SCALE = 10.0
+_MIN_B = 1e-12  # a verified token never costs exactly nothing (keeps the planner's ratios finite)
+
+
+class CostModel:
+    """Online verify + draft cost estimates; `expected_step_time` is what the planner optimises against."""
+
+    def __init__(
+        self,
+        verify_fixed_s: float = 0.010,
+        verify_token_s: float = 5e-5,
+        verify_request_s: float = 0.0,
+        draft_token_s: float = 2e-5,
+        forgetting: float = 0.999,
+        prior_weight: float = 2.0,
+        draft_alpha: float = 0.1,
+        fit_prefill: bool = False,
+    ) -> None:
+        # Work in units of the default step (batch 10, 100 tokens) so the prior has a scale-free meaning.
+        self._ys = max(verify_fixed_s + verify_token_s * _TOK_SCALE + verify_request_s * _BATCH_SCALE, 1e-9)
+        self._theta = [
+            verify_fixed_s / self._ys,
+            verify_token_s * _TOK_SCALE / self._ys,
+            verify_request_s * _BATCH_SCALE / self._ys,
+        ]
+        p0 = 1.0 / prior_weight
+        self._p0_trace = 3.0 * p0
+        self._P = [[p0, 0.0, 0.0], [0.0, p0, 0.0], [0.0, 0.0, p0]]
+        self.forgetting = forgetting
+        self.default_draft = draft_token_s
+        self.draft_alpha = draft_alpha
+        self.fit_prefill = fit_prefill
+        self._draft: dict[str, float] = {}
+        self.steps_seen = 0
+        self._refresh()
+
+    # -- estimates ------------------------------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        t, ys = self._theta, self._ys
+        self.a = max(0.0, t[0] * ys)
+        self.b = max(_MIN_B, t[1] * ys / _TOK_SCALE)
+        self.c = max(0.0, t[2] * ys / _BATCH_SCALE)
+
+    @property
+    def coefficients(self) -> tuple[float, float, float]:
+        """(a, b, c) of t_verify = a + b * tokens + c * batch, clipped to be non-negative."""
+        return self.a, self.b, self.c
+
+    def verify_time(self, tokens: float, batch: int) -> float:
+        return self.a + self.b * tokens + self.c * batch
+
+    def draft_cost(self, drafter: str | None) -> float:
+        """Seconds per drafted token of `drafter` (0 for no drafter)."""
+        if drafter is None:
+            return 0.0
+        return self._draft.get(drafter, self.default_draft)
+
+    def expected_step_time(
+        self,
+        ks: Sequence[int],
+        drafters: Sequence[str | None] | None = None,
+        pending: Sequence[int] | int = 1,
+    ) -> float:
+        """Draft + verify seconds for a batch whose request i drafts ks[i] tokens with drafters[i].
+
+        `pending` is the number of already-known tokens each request feeds the forward (1 in decode, the
+        prompt at prefill); an int applies to every request.
+        """
+        n = len(ks)
+        tokens = float(sum(ks)) + (pending * n if isinstance(pending, int) else float(sum(pending)))
+        draft = 0.0
+        if drafters is None:
+            draft = self.default_draft * sum(ks)
+        else:
+            for k, d in zip(ks, drafters):
+                if k and d is not None:
+                    draft += k * self.draft_cost(d)
+        return self.verify_time(tokens, n) + draft
+
+    # -- learning -------------------------------------------------------------------------------------------------
+    def observe(self, records: Iterable[StepRecord]) -> None:
+        """Learn from records; consecutive records with the same `step` form one forward."""
+        group: list[StepRecord] = []
+        for r in records:
+            if group and r.step != group[0].step:
+                self._observe_step(group)
+                group = []
+            group.append(r)
+        if group:
+            self._observe_step(group)
+
+    def _observe_step(self, recs: list[StepRecord]) -> None:
+        r0 = recs[0]
+        self.steps_seen += 1
+        if r0.prefill and not self.fit_prefill:
+            pass
+        else:
+            tokens = 0
+            for r in recs:
+                tokens += r.chunk_tokens
+            self.observe_verify(tokens, r0.batch_size, r0.verify_s)
+        per: dict[str, int] = {}
+        for r in recs:
+            if r.drafter is not None and r.drafted:
+                per[r.drafter] = per.get(r.drafter, 0) + r.drafted
+        if per:
+            self.observe_draft(per, r0.draft_s)
+
+    def observe_verify(self, tokens: float, batch: int, seconds: float) -> None:
+        """One RLS step on (tokens, batch) -> seconds."""
+        x = (1.0, tokens / _TOK_SCALE, batch / _BATCH_SCALE)
+        y = seconds / self._ys
+        P, th, lam = self._P, self._theta, self.forgetting
+        px = [P[i][0] * x[0] + P[i][1] * x[1] + P[i][2] * x[2] for i in range(3)]
+        denom = lam + x[0] * px[0] + x[1] * px[1] + x[2] * px[2]
+        g = [v / denom for v in px]
+        err = y - (th[0] * x[0] + th[1] * x[1] + th[2] * x[2])
+        for i in range(3):
+            th[i] += g[i] * err
+        inv = 1.0 / lam
+        newP = [[(P[i][j] - g[i] * px[j]) * inv for j in range(3)] for i in range(3)]
+        trace = newP[0][0] + newP[1][1] + newP[2][2]
+        if trace > self._p0_trace:  # no wind-up when the data stop exciting a direction
+            s = self._p0_trace / trace
+            newP = [[v * s for v in row] for row in newP]
+        self._P = newP
+        self._refresh()
+
+    def observe_draft(self, tokens_by_drafter: dict[str, int], seconds: float) -> None:
+        """One normalised-LMS step on seconds = sum_d cost_d * tokens_d.
+
+        With one drafter in the step this is exactly an EMA of seconds per token; steps that mix drafters
+        move each estimate in proportion to its share of the tokens, which separates their costs over time.
+        """
+        est = {d: self._draft.get(d, self.default_draft) for d in tokens_by_drafter}
+        err = seconds - sum(est[d] * n for d, n in tokens_by_drafter.items())
+        norm = sum(n * n for n in tokens_by_drafter.values())
+        if norm <= 0:
+            return
+        step = self.draft_alpha * err / norm
+        for d, n in tokens_by_drafter.items():
+            self._draft[d] = max(0.0, est[d] + step * n)

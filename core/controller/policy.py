@@ -1,0 +1,411 @@
+"""ATLAS: the confidence-aware controller. Per request and step it picks a drafter (or none) and a lookahead k
+that maximise the batch's expected goodput (emitted tokens per second).
+
+Prediction (before drafting): for every drafter the controller keeps survival curves C[j] = P(the first j+1
+drafted tokens are all accepted), as EMAs at three levels: per request (warm-started from its tenant; after
+`request_stale_steps` without use it defers to the tenant again), per tenant (warm-started from the global
+curve) and global. A chain of k tokens then emits 1 + C[0] + ... + C[k-1] tokens in expectation. EMA targets
+blend the realised outcome with the calibrated survival of the drafted tokens (`Calibrator`: confidence ->
+P(accept | earlier accepted)), so a curve is request-specific yet low-variance; positions a drafter could not
+fill count as 0, and when a chain stopped only because k did, the target is extended past k with the last
+token's calibrated rate (otherwise positions never asked for would never be learned and k could not grow).
+Tenant and global EMAs weigh their n-th draft by max(alpha, 1/n), so a young curve leaves its prior quickly.
+
+Choice: with the cost model's t_step = a + b * tokens + c * batch + sum(draft cost), maximising
+E[emitted] / E[time] over all requests' (drafter, k) is a fractional programme. Dinkelbach's method solves it
+exactly: for a ratio lam, each request independently keeps token j of drafter d iff C_d[j] > lam * (b + draft_d)
+(the token's expected yield beats the batch's rate), then lam <- E/T; warm-started from the previous step it
+converges in one or two passes. This is the batch verify budget: draft tokens go where expected acceptance is
+highest, and none go anywhere once the marginal verify cost outweighs their value (large, compute-bound
+batches turn speculation off by themselves; `max_spec_batch` is a hard cap on top).
+
+After drafting, `trim` (optional engine hook) cuts a chain where the calibrated survival probability of the
+next token no longer pays for verifying it. A guarded drafter (default "adaptive", the one that learns online)
+is only a candidate once its calibrator has enough evidence and its recent expected accepted length (a faster
+global EMA) is not below the fallback's ("static"); otherwise it is excluded and the remaining drafters
+(static, when it is the best of them) take over. A drafter unused for `explore_every` steps gets short drafts
+on a deterministic schedule so its calibration keeps learning. Nothing here is random: equal inputs give equal
+plans (the seed only shifts the exploration rotation).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from adaspec.core.controller.calibration import Calibrator
+from adaspec.core.controller.costs import CostModel
+from adaspec.core.controller.settings import ControllerSettings
+from adaspec.core.drafters.base import Draft, DraftRequest
+from adaspec.core.engine.engine import Plan, RequestState, StepRecord
+
+Curves = list  # list[list[float] | None], one survival curve per drafter index
+#: A tenant's warm start (the global curve) weighs at most as many drafts as this.
+_TENANT_PRIOR_DRAFTS = 8
+
+
+class _Group:
+    """A tenant's survival curves and the drafts behind each (an EMA weighs draft n by max(alpha, 1/n), so
+    a young curve is a plain mean and its warm start fades as fast as data arrive)."""
+
+    __slots__ = ("cum", "n")
+
+    def __init__(self, n_drafters: int) -> None:
+        self.cum: Curves = [None] * n_drafters
+        self.n = [0] * n_drafters
+
+
+class _Req:
+    """Controller state of one live request (kept small: it is touched for every request every step)."""
+
+    __slots__ = ("tenant", "cum", "seen", "kcap", "plan_d", "plan_k", "memo", "memo_d", "explore")
+
+    def __init__(self, tenant: _Group, n_drafters: int) -> None:
+        self.tenant = tenant
+        self.cum: Curves = [None] * n_drafters
+        self.seen = [0] * n_drafters  # step of the last update of each curve (stale ones defer to the tenant)
+        self.kcap = 0
+        self.plan_d = -1
+        self.plan_k = 0
+        self.memo: list[float] | None = None  # calibrated survival curve of the full (untrimmed) proposal
+        self.memo_d = -1
+        self.explore = False
+
+
+def make_costs(s: ControllerSettings) -> CostModel:
+    """The cost model configured from controller settings."""
+    return CostModel(
+        verify_fixed_s=s.verify_fixed_s,
+        verify_token_s=s.verify_token_s,
+        verify_request_s=s.verify_request_s,
+        draft_token_s=s.draft_token_s,
+        forgetting=s.cost_forgetting,
+        prior_weight=s.cost_prior_weight,
+        draft_alpha=s.draft_cost_alpha,
+        fit_prefill=s.cost_fit_prefill,
+    )
+
+
+def make_calibrator(s: ControllerSettings) -> Calibrator:
+    return Calibrator(
+        bins=s.calib_bins,
+        positions=s.calib_positions,
+        prior_strength=s.calib_prior_strength,
+        half_life_tokens=s.calib_half_life_tokens,
+        refit_tokens=s.calib_refit_tokens,
+    )
+
+
+class AtlasPolicy:
+    """The engine `Policy` (plan/feedback) plus the optional `trim(request, drafter, draft) -> int` hook."""
+
+    def __init__(
+        self,
+        drafters: Sequence[str],
+        settings: ControllerSettings | None = None,
+        costs: CostModel | None = None,
+    ) -> None:
+        s = settings if settings is not None else ControllerSettings()
+        self.settings = s
+        self.names = [d for d in dict.fromkeys(drafters) if d and d != "none"]
+        self.index = {d: i for i, d in enumerate(self.names)}
+        D, K = len(self.names), s.max_k
+        self.costs = costs if costs is not None else make_costs(s)
+        self.calibrators = [make_calibrator(s) for _ in range(D)]
+        self.glob: Curves = [[s.prior_acceptance ** (j + 1) for j in range(K)] for _ in range(D)]
+        self.glob_n = [1] * D  # drafts behind each global curve (the prior counts as one)
+        #: Faster global curves, only for the guardrail's "has it dropped below the fallback?" check.
+        self.recent: Curves = [list(c) for c in self.glob]
+        self.tenants: dict[str, _Group] = {}
+        self.requests: dict[str, _Req] = {}
+        self._plans = [[Plan(d, k) for k in range(K + 1)] for d in self.names]
+        self._none = Plan(None, 0)
+        self._guarded = [self.index[g] for g in s.guarded if g in self.index]
+        self._fallback = self.index.get(s.fallback)
+        self.trusted = [True] * D
+        self._short = [False] * D  # guarded and below its evidence threshold: explored 4x as often
+        self.last_used = [0] * D
+        self.step = 0
+        self.lam = 0.0  # the batch goodput ratio (tokens/s) the last plan achieved; trim prices tokens with it
+        self._lam_decode = 0.0
+        self._choice_d: list[int] = []
+        self._choice_k: list[int] = []
+        self._rows: list[_Req] = []
+        self._tgt = [0.0] * K
+        self._explore_seed = s.seed
+        if not s.trim:
+            self.trim = None  # type: ignore[assignment]  # the engine checks `getattr(policy, "trim", None)`
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _tenant(self, name: str) -> _Group:
+        t = self.tenants.get(name)
+        if t is None:
+            t = self.tenants[name] = _Group(len(self.names))
+            if len(self.tenants) > self.settings.max_tracked_tenants:
+                del self.tenants[next(iter(self.tenants))]
+        return t
+
+    def _admit(self, request_id: str, tenant: str) -> _Req:
+        r = self.requests[request_id] = _Req(self._tenant(tenant), len(self.names))
+        if len(self.requests) > self.settings.max_tracked_requests:
+            del self.requests[next(iter(self.requests))]
+        return r
+
+    def finish(self, request_id: str) -> None:
+        """Drop a finished request's statistics (optional: old ones are evicted anyway)."""
+        self.requests.pop(request_id, None)
+
+    def curve(self, drafter: str, request_id: str | None = None, tenant: str | None = None) -> list[float]:
+        """The survival curve the planner would use (request, else tenant, else global level)."""
+        di = self.index[drafter]
+        if request_id is not None and request_id in self.requests:
+            r = self.requests[request_id]
+            own = r.cum[di] if self.step - r.seen[di] <= self.settings.request_stale_steps else None
+            return list(own or r.tenant.cum[di] or self.glob[di])
+        if tenant is not None and tenant in self.tenants:
+            return list(self.tenants[tenant].cum[di] or self.glob[di])
+        return list(self.glob[di])
+
+    def _update_trust(self) -> None:
+        s = self.settings
+        fb = self._fallback
+        for g in self._guarded:
+            ok = self.calibrators[g].evidence >= s.guard_min_evidence
+            self._short[g] = not ok
+            if ok and fb is not None:
+                ok = sum(self.recent[g]) >= sum(self.recent[fb]) - s.guard_margin
+            self.trusted[g] = ok
+
+    # -- plan ------------------------------------------------------------------------------------------------------
+    def plan(self, requests: Sequence[RequestState]) -> list[Plan]:
+        B = len(requests)
+        if B == 0:
+            return []
+        s = self.settings
+        self.step += 1
+        step = self.step
+        K = s.max_k
+        cm = self.costs
+        b = cm.b
+        self._update_trust()
+        capped = bool(s.max_spec_batch) and B >= s.max_spec_batch
+        if capped:
+            cand: list[int] = []
+        else:
+            cand = [d for d in range(len(self.names)) if self.trusted[d]]
+        cost = [b + cm.draft_cost(self.names[d]) for d in cand]
+
+        if len(self._choice_d) < B:
+            grow = B - len(self._choice_d)
+            self._choice_d.extend([-1] * grow)
+            self._choice_k.extend([0] * grow)
+        choice_d, choice_k = self._choice_d, self._choice_k
+        rows = self._rows
+        rows.clear()
+        reqs = self.requests
+        pending = 0
+        for st in requests:
+            spec = st.spec
+            r = reqs.get(spec.request_id)
+            if r is None:
+                r = self._admit(spec.request_id, spec.tenant)
+            room = st.max_new_tokens - len(st.output) - 1
+            r.kcap = K if room >= K else (room if room > 0 else 0)
+            r.explore = False
+            r.memo = None
+            pending += len(st.pending)
+            rows.append(r)
+
+        base_t = cm.a + b * pending + cm.c * B
+        decode = pending == B
+        lam = self._lam_decode if (decode and self._lam_decode > 0.0) else B / base_t
+        glob = self.glob
+        stale = step - s.request_stale_steps
+        pairs = list(zip(cand, cost))
+        for _ in range(s.plan_iters if pairs else 1):
+            thr = [(d, c, lam * c) for d, c in pairs]
+            E = float(B)
+            T = base_t
+            for i, r in enumerate(rows):
+                kc = r.kcap
+                best_g, best_d, best_k, best_v, best_c = 0.0, -1, 0, 0.0, 0.0
+                if kc:
+                    rc, tc, rs = r.cum, r.tenant.cum, r.seen
+                    for d, c, t in thr:
+                        curve = rc[d] if rs[d] >= stale else None
+                        if curve is None:
+                            curve = tc[d] or glob[d]
+                        k = 0
+                        v = 0.0
+                        for x in curve:
+                            if x <= t or k == kc:
+                                break
+                            v += x
+                            k += 1
+                        if k:
+                            g = v - t * k
+                            if g > best_g:
+                                best_g, best_d, best_k, best_v, best_c = g, d, k, v, c
+                choice_d[i] = best_d
+                choice_k[i] = best_k
+                if best_k:
+                    E += best_v
+                    T += best_c * best_k
+            new = E / T
+            done = abs(new - lam) <= s.plan_tol * lam
+            lam = new
+            if done:
+                break
+        self.lam = lam
+        if decode:
+            self._lam_decode = lam
+
+        if s.explore_every and not capped:  # the hard cap means no drafting at all, exploration included
+            self._explore(step, B, rows, choice_d, choice_k)
+        plans = self._plans
+        out: list[Plan] = []
+        last = self.last_used
+        for i in range(B):
+            r = rows[i]
+            d, k = choice_d[i], choice_k[i]
+            r.plan_d, r.plan_k = d, k
+            if d >= 0 and k:
+                last[d] = step
+                out.append(plans[d][k])
+            else:
+                out.append(self._none)
+        return out
+
+    def _explore(self, step: int, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int]) -> None:
+        """Each drafter unused for `explore_every` steps (a guarded one short of evidence: a quarter of that)
+        drafts `explore_k` tokens for `explore_fraction` of the batch (at least one request), on a deterministic
+        rotation, so its calibration and curves keep learning."""
+        s = self.settings
+        n = max(1, int(B * s.explore_fraction))
+        for d in range(len(self.names)):
+            period = max(1, s.explore_every // 4) if self._short[d] else s.explore_every
+            if step - self.last_used[d] < period:
+                continue
+            start = (self._explore_seed + step + 7919 * d) % B
+            left = n
+            for o in range(B):
+                i = (start + o) % B
+                r = rows[i]
+                if r.kcap and not r.explore:
+                    r.explore = True
+                    choice_d[i] = d
+                    choice_k[i] = min(s.explore_k, r.kcap)
+                    left -= 1
+                    if not left:
+                        break
+
+    # -- trim (engine hook, after propose) ---------------------------------------------------------------------------
+    def trim(self, request: RequestState | DraftRequest, drafter: str, draft: Draft) -> int:
+        """How many leading tokens of `draft` to verify: stop where the next token's calibrated survival
+        probability times the batch's time per emitted token no longer covers its marginal cost.
+
+        Engine hook, called once per request right after `propose` (before verification), with the drafter
+        the plan named; only `request.request_id` is read, so a drafter-side wrapper can call it too."""
+        n = len(draft.tokens)
+        d = self.index.get(drafter)
+        if d is None or n == 0:
+            return n
+        curve = self.calibrators[d].cumulative(draft.confidence)
+        r = self.requests.get(request.request_id)
+        if r is not None:
+            r.memo, r.memo_d = curve, d
+            if r.explore:
+                return n
+        cost = self.costs.b
+        if self.settings.trim_counts_draft_cost:
+            cost += self.costs.draft_cost(drafter)
+        t = self.lam * cost
+        k = 0
+        for x in curve:
+            if x <= t:
+                break
+            k += 1
+        return k
+
+    # -- feedback ---------------------------------------------------------------------------------------------------
+    def feedback(self, records: Sequence[StepRecord]) -> None:
+        self.costs.observe(records)
+        s = self.settings
+        K = s.max_k
+        w = s.ema_outcome_weight
+        w1 = 1.0 - w
+        ar, at, ag, af = s.ema_request_alpha, s.ema_tenant_alpha, s.ema_global_alpha, s.guard_alpha
+        tgt = self._tgt
+        stale = s.request_stale_steps
+        index, reqs, cals, glob = self.index, self.requests, self.calibrators, self.glob
+        for rec in records:
+            name = rec.drafter
+            if name is None:
+                continue
+            d = index.get(name)
+            if d is None:
+                continue
+            conf = rec.confidence
+            a, n = rec.accepted, rec.drafted
+            cal = cals[d]
+            cal.update(conf, a)
+            r = reqs.get(rec.request_id)
+            kcap = rec.k
+            curve = None
+            if r is not None:
+                if r.memo_d == d and r.memo is not None:
+                    curve = r.memo
+                r.memo = None
+                if r.kcap < kcap:
+                    kcap = r.kcap
+                tenant = r.tenant
+            else:
+                tenant = self._tenant(rec.tenant)
+            if curve is None:
+                curve = cal.cumulative(conf)
+            m = len(curve)
+            L = kcap if kcap > m else m
+            if L > K:
+                L = K
+            rejected = a < n
+            for j in range(L):
+                cj = curve[j] if j < m else 0.0
+                if j < a:
+                    tgt[j] = w + w1 * cj
+                elif rejected:
+                    tgt[j] = w1 * cj
+                else:
+                    tgt[j] = cj
+            if m >= kcap and 0 < L < K:
+                # The chain stopped because we asked for no more: extend the target with the last token's
+                # conditional rate, so later positions are learned too and k can grow when it pays.
+                rho = curve[m - 1] / curve[m - 2] if m >= 2 and curve[m - 2] > 0.0 else curve[0]
+                x = tgt[L - 1]
+                for j in range(L, K):
+                    x *= rho
+                    tgt[j] = x
+                L = K
+            g = glob[d]
+            gn = self.glob_n[d] = self.glob_n[d] + 1
+            alpha = 1.0 / gn if gn * ag < 1.0 else ag
+            for j in range(L):
+                g[j] += alpha * (tgt[j] - g[j])
+            fast = self.recent[d]
+            alpha = 1.0 / gn if gn * af < 1.0 else af
+            for j in range(L):
+                fast[j] += alpha * (tgt[j] - fast[j])
+            tc = tenant.cum[d]
+            if tc is None:
+                tc = tenant.cum[d] = list(g)
+                tenant.n[d] = gn if gn < _TENANT_PRIOR_DRAFTS else _TENANT_PRIOR_DRAFTS
+            else:
+                tn = tenant.n[d] = tenant.n[d] + 1
+                alpha = 1.0 / tn if tn * at < 1.0 else at
+                for j in range(L):
+                    tc[j] += alpha * (tgt[j] - tc[j])
+            if r is not None:
+                rc = r.cum[d]
+                if rc is None or self.step - r.seen[d] > stale:
+                    rc = r.cum[d] = list(tc)
+                r.seen[d] = self.step
+                for j in range(L):
+                    rc[j] += ar * (tgt[j] - rc[j])

@@ -1,0 +1,432 @@
+"""The ATLAS controller: calibration, cost model, planning, guardrail, exploration, baselines (no real model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaspec.core.bench_controller import DrafterModel, SyntheticLoad
+from adaspec.core.controller import (
+    AtlasPolicy,
+    Calibrator,
+    ControllerSettings,
+    CostModel,
+    OraclePolicy,
+    SGLangAdaptivePolicy,
+    load_controller_settings,
+    make_policy,
+    pav,
+    policy_drafters,
+)
+from adaspec.core.drafters.base import Draft
+from adaspec.core.engine.engine import FixedPolicy, Plan, RequestSpec, RequestState, StepRecord
+from adaspec.core.errors import ConfigError
+
+
+def state(rid: str, tenant: str = "t", max_new: int = 10_000, pending: int = 1) -> RequestState:
+    st_ = RequestState(RequestSpec([1, 2, 3], rid, tenant), 0, max_new, None)
+    st_.pending = [3] * pending
+    return st_
+
+
+def record(step: int, rid: str, drafter: str | None, k: int, accepted: int, conf: list[float], batch: int = 1,
+           verify_s: float = 0.01, draft_s: float = 0.0, prefill: bool = False, tenant: str = "t") -> StepRecord:
+    return StepRecord(
+        step=step, request_id=rid, tenant=tenant, drafter=drafter, k=k, drafted=len(conf), accepted=accepted,
+        emitted=accepted + 1, confidence=conf, batch_size=batch, chunk_tokens=1 + len(conf), draft_s=draft_s,
+        verify_s=verify_s, prefill=prefill,
+    )
+
+
+def run(load: SyntheticLoad, policy, steps: int) -> list[StepRecord]:
+    out: list[StepRecord] = []
+    for _ in range(steps):
+        out += load.step(policy)
+    return out
+
+
+# -- calibration ---------------------------------------------------------------------------------------------------
+
+
+def test_pav_pools_violators():
+    assert pav([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == pytest.approx([2.0, 2.0, 2.0])
+    assert pav([0.1, 0.5, 0.3, 0.9], [1.0, 1.0, 3.0, 1.0]) == pytest.approx([0.1, 0.35, 0.35, 0.9])
+    assert pav([0.2, 0.4], [1.0, 1.0]) == [0.2, 0.4]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8), st.integers(0, 8)),
+                min_size=1, max_size=60))
+def test_calibration_is_monotone_in_confidence(drafts):
+    cal = Calibrator(bins=8, positions=4, refit_tokens=1)
+    for conf, acc in drafts:
+        cal.update(conf, min(acc, len(conf)))
+    cal.refit()
+    for p in range(4):
+        curve = cal.curve(p)
+        assert all(a <= b + 1e-12 for a, b in zip(curve, curve[1:]))
+        assert all(0.0 <= x <= 1.0 for x in curve)
+
+
+def test_calibration_converges_to_true_rates():
+    truth = lambda c: 0.1 + 0.8 * c * c  # noqa: E731  monotone, far from the identity prior
+    rng = random.Random(0)
+    cal = Calibrator(bins=10, positions=4, half_life_tokens=0)
+    for _ in range(6000):
+        conf = [rng.random() for _ in range(6)]
+        acc = 0
+        for c in conf:
+            if rng.random() < truth(c):
+                acc += 1
+            else:
+                break
+        cal.update(conf, acc)
+    checked = 0
+    for p in range(4):
+        curve, ev = cal.curve(p), cal.evidence_table()[p]
+        for b in range(10):
+            if ev[b] >= 150:
+                lo, hi = b / 10, (b + 1) / 10
+                mean_truth = 0.1 + 0.8 * (hi**3 - lo**3) / (3 * (hi - lo))
+                assert curve[b] == pytest.approx(mean_truth, abs=0.05), (p, b)
+                checked += 1
+    assert checked >= 18
+    # A chain's survival curve is the product of its calibrated per-token probabilities.
+    c = cal.cumulative([0.95, 0.95])
+    assert c[1] == pytest.approx(cal.prob(0.95, 0) * cal.prob(0.95, 1))
+
+
+def test_calibration_respects_prior_with_little_data():
+    cal = Calibrator(bins=10, positions=2, prior_strength=4.0, refit_tokens=1)
+    assert cal.prob(0.95, 0) == pytest.approx(0.95)  # identity before any data
+    for _ in range(3):
+        cal.update([0.95], 0)  # three rejections at high confidence
+    assert cal.cell_evidence(0.95, 0) == pytest.approx(3.0, rel=1e-3)  # (decays with the half-life)
+    assert 0.5 < cal.prob(0.95, 0) < 0.6  # (0 + 4 * 0.95) / 7 = 0.543: still near the prior
+    for _ in range(500):
+        cal.update([0.95], 0)
+    assert cal.prob(0.95, 0) < 0.05
+
+
+def test_tokens_after_the_first_rejection_are_not_evidence():
+    cal = Calibrator(bins=10, positions=4, refit_tokens=1)
+    cal.update([0.9, 0.9, 0.9, 0.9], accepted=1)  # token 0 accepted, token 1 rejected, 2-3 never judged
+    assert [cal.cell_evidence(0.9, p) for p in range(4)] == pytest.approx([1.0, 1.0, 0.0, 0.0], abs=1e-3)
+    assert cal.evidence == pytest.approx(2.0, rel=1e-3)
+    # pooled bin 9: (1 + 4 * 0.95) / 6 = 0.8 < bin 8's prior 0.85 -> PAV pools them: (4 * 0.85 + 6 * 0.8) / 10
+    assert cal.prob(0.9, 2) == pytest.approx(0.82)  # unseen position: the pooled curve
+    assert cal.prob(0.9, 0) == pytest.approx((1 + 4 * 0.82) / 5)  # one success, shrunk toward 0.82
+    assert cal.prob(0.9, 0) > cal.prob(0.9, 2) > cal.prob(0.9, 1)
+    cal.update([0.9, 0.9], accepted=2)  # fully accepted chain: every token judged
+    assert cal.evidence == pytest.approx(4.0, rel=1e-3)
+
+
+def test_calibration_forgets_with_its_half_life():
+    cal = Calibrator(bins=4, positions=1, half_life_tokens=100)
+    for _ in range(100):
+        cal.update([0.9], 1)
+    first = cal.evidence
+    for _ in range(100):
+        cal.update([0.1], 1)
+    assert cal.cell_evidence(0.9, 0) == pytest.approx(first / 2, rel=1e-6)
+
+
+# -- cost model -----------------------------------------------------------------------------------------------------
+
+
+def test_cost_model_recovers_known_coefficients():
+    a, b, c = 0.02, 3e-4, 1e-3
+    rng = random.Random(1)
+    cm = CostModel(verify_fixed_s=0.005, verify_token_s=1e-5, verify_request_s=0.0)
+    for step in range(600):
+        B = rng.randint(1, 64)
+        ks = [rng.randint(0, 8) for _ in range(B)]
+        tokens = B + sum(ks)
+        t = (a + b * tokens + c * B) * (1 + rng.gauss(0, 0.01))
+        cm.observe([record(step, f"r{i}", "s" if k else None, k, 0, [0.5] * k, batch=B, verify_s=t,
+                           draft_s=2e-4 * sum(ks)) for i, k in enumerate(ks)])
+    fa, fb, fc = cm.coefficients
+    assert fa == pytest.approx(a, rel=0.1) and fb == pytest.approx(b, rel=0.1) and fc == pytest.approx(c, rel=0.15)
+    assert cm.draft_cost("s") == pytest.approx(2e-4, rel=0.02)
+    assert cm.draft_cost(None) == 0.0
+    t = cm.expected_step_time([3, 0], ["s", None])
+    assert t == pytest.approx(fa + fb * 5 + fc * 2 + 3 * cm.draft_cost("s"))
+
+
+def test_draft_time_is_split_across_drafters():
+    cm = CostModel(draft_token_s=1e-4, draft_alpha=0.2)
+    rng = random.Random(2)
+    for _ in range(400):
+        n1, n2 = rng.randint(1, 20), rng.randint(1, 20)
+        cm.observe_draft({"slow": n1, "fast": n2}, n1 * 1e-4 + n2 * 1e-5)
+    assert cm.draft_cost("slow") == pytest.approx(1e-4, rel=0.15)
+    assert cm.draft_cost("fast") == pytest.approx(1e-5, rel=0.3)
+
+
+# -- ATLAS ----------------------------------------------------------------------------------------------------------
+
+GOOD_BAD = (DrafterModel("good", rate=0.9, spread=0.03, cost_s=1e-5),
+            DrafterModel("bad", rate=0.3, spread=0.05, cost_s=1e-5))
+
+
+def test_converges_to_the_better_drafter_with_long_chains():
+    load = SyntheticLoad(GOOD_BAD, batch=8, seed=3)
+    policy = AtlasPolicy(["good", "bad"], ControllerSettings(guarded=()))
+    run(load, policy, 150)
+    recs = run(load, policy, 100)
+    used = Counter(r.drafter for r in recs)
+    assert used["good"] >= 0.85 * len(recs)
+    ks = [r.k for r in recs if r.drafter == "good"]
+    assert sum(ks) / len(ks) >= 5.0
+    # over the whole run (learning included) ATLAS beats mid-k fixed policies and nearly matches the best one
+    base = {}
+    for name, pol in {"good-4": FixedPolicy("good", 4), "good-8": FixedPolicy("good", 8),
+                      "bad-4": FixedPolicy("bad", 4)}.items():
+        ref = SyntheticLoad(GOOD_BAD, batch=8, seed=3)
+        run(ref, pol, 250)
+        base[name] = ref.goodput
+    assert load.goodput > max(base["good-4"], base["bad-4"])
+    assert load.goodput >= 0.9 * base["good-8"]
+
+
+def test_no_speculation_when_acceptance_is_near_zero():
+    useless = (DrafterModel("a", rate=0.01, spread=0.0, cost_s=1e-5), DrafterModel("b", rate=0.02, spread=0.0))
+    load = SyntheticLoad(useless, batch=4, seed=4, verify=(0.02, 1e-3, 0.0))
+    policy = AtlasPolicy(["a", "b"], ControllerSettings(explore_every=0, verify_fixed_s=0.02, verify_token_s=1e-3))
+    run(load, policy, 60)
+    recs = run(load, policy, 40)
+    assert sum(r.k for r in recs) == 0
+
+
+def test_speculation_turns_off_when_verify_is_compute_bound():
+    s = ControllerSettings(explore_every=0, guarded=(), verify_fixed_s=1e-3, verify_token_s=1e-3, trim=False,
+                           prior_acceptance=0.8)
+    good = (DrafterModel("good", rate=0.9, spread=0.02, cost_s=0.0),)
+    small = SyntheticLoad(good, batch=1, seed=5, verify=(1e-3, 1e-3, 0.0))
+    policy = AtlasPolicy(["good"], s)
+    recs = run(small, policy, 80)
+    assert recs[-1].k >= 4  # at batch 1 the fixed cost dominates: long chains pay
+    big = [state(f"big-{i}") for i in range(64)]
+    assert all(p == Plan(None, 0) for p in policy.plan(big))  # at 64 every extra token costs ~ a forward
+    assert any(p.k for p in policy.plan(big[:1]))
+    capped = AtlasPolicy(["good"], s.model_copy(update={"max_spec_batch": 8}))
+    assert all(p.k == 0 for p in capped.plan(big[:8])) and any(p.k for p in capped.plan(big[:2]))
+
+
+STATIC_ADAPTIVE = (DrafterModel("static", rate=0.6, spread=0.03, cost_s=1e-5),
+                   DrafterModel("adaptive", rate=0.9, spread=0.03, cost_s=1e-5))
+
+
+def test_guardrail_needs_evidence_before_trusting_adaptive():
+    load = SyntheticLoad(STATIC_ADAPTIVE, batch=8, seed=6)
+    policy = AtlasPolicy(["static", "adaptive"], ControllerSettings(explore_every=0, guard_min_evidence=50))
+    recs = run(load, policy, 40)
+    assert policy.trusted == [True, False]
+    assert not any(r.drafter == "adaptive" for r in recs)
+    assert sum(r.drafter == "static" for r in recs) >= 0.9 * len(recs)
+
+
+def test_guardrail_trusts_then_falls_back_on_a_drop():
+    load = SyntheticLoad(STATIC_ADAPTIVE, batch=8, seed=7)
+    policy = AtlasPolicy(["static", "adaptive"], ControllerSettings(explore_every=4, guard_min_evidence=50))
+    run(load, policy, 150)
+    assert policy.trusted == [True, True]
+    recs = run(load, policy, 30)
+    assert sum(r.drafter == "adaptive" for r in recs) >= 0.8 * len(recs)
+    # the adaptive head degrades (a bad weight update): acceptance falls below static's
+    load.drafters["adaptive"] = dataclasses.replace(load.drafters["adaptive"], rate=0.05)
+    for rates in load.rates.values():
+        rates["adaptive"] = 0.05
+    run(load, policy, 60)
+    assert policy.trusted == [True, False]
+    recs = run(load, policy, 30)
+    explored = sum(r.drafter == "adaptive" for r in recs)
+    assert explored <= 4 * 30 // 4  # only exploration drafts still go to adaptive
+    assert sum(r.drafter == "static" for r in recs) >= 0.75 * len(recs)
+
+
+def test_without_static_an_untrusted_adaptive_leaves_the_others():
+    models = (DrafterModel("adaptive", rate=0.9, spread=0.0), DrafterModel("suffix", rate=0.5, spread=0.0))
+    load = SyntheticLoad(models, batch=4, seed=8)
+    policy = AtlasPolicy(["adaptive", "suffix"], ControllerSettings(explore_every=0, guard_min_evidence=1e9))
+    recs = run(load, policy, 30)
+    assert {r.drafter for r in recs} <= {"suffix", None} and any(r.drafter == "suffix" for r in recs)
+
+
+def test_exploration_revisits_unused_drafters_on_schedule():
+    models = (DrafterModel("good", rate=0.9, spread=0.0), DrafterModel("bad", rate=0.0, spread=0.0))
+    load = SyntheticLoad(models, batch=4, seed=9)
+    policy = AtlasPolicy(["good", "bad"], ControllerSettings(guarded=(), explore_every=10, explore_k=2))
+    recs = run(load, policy, 100)
+    bad_steps = sorted({r.step for r in recs if r.drafter == "bad"})
+    late = [s for s in bad_steps if s > 30]
+    assert late and all(b - a >= 10 for a, b in zip(late, late[1:]))
+    assert all(r.k == 2 for r in recs if r.drafter == "bad" and r.step > 30)
+
+
+def test_trim_cuts_where_calibrated_acceptance_collapses():
+    policy = AtlasPolicy(["d"], ControllerSettings(guarded=(), explore_every=0, calib_refit_tokens=1))
+    cal = policy.calibrators[0]
+    for _ in range(200):
+        cal.update([0.9, 0.05], 1)  # high confidence accepted, low confidence rejected
+    st_ = state("r0")
+    policy.plan([st_])
+    draft = Draft([5, 6, 7, 8], [0.9, 0.9, 0.05, 0.9])
+    assert policy.trim(st_, "d", draft) == 2
+    assert policy.trim(st_, "d", Draft([5, 6], [0.9, 0.9])) == 2
+    assert policy.trim(st_, "unknown", draft) == 4
+    assert AtlasPolicy(["d"], ControllerSettings(trim=False)).trim is None
+
+
+def test_request_curves_warm_start_from_tenant_then_global():
+    policy = AtlasPolicy(["d"], ControllerSettings(guarded=(), explore_every=0))
+    prior = policy.curve("d")
+    a = state("a", tenant="T1")
+    policy.plan([a])
+    policy.feedback([record(1, "a", "d", 4, 4, [0.99] * 4, tenant="T1")])
+    t1 = policy.curve("d", tenant="T1")
+    assert t1[0] > prior[0]
+    b = state("b", tenant="T1")
+    policy.plan([b])
+    assert policy.curve("d", request_id="b") == t1  # a new request of T1 starts from T1
+    assert policy.curve("d", tenant="T2") == policy.curve("d")  # an unknown tenant uses the global curve
+
+
+def test_decisions_are_deterministic():
+    def trace(seed: int) -> list[tuple]:
+        load = SyntheticLoad(batch=8, seed=11)
+        policy = AtlasPolicy(["static", "adaptive", "suffix"], ControllerSettings(seed=seed))
+        return [(r.step, r.request_id, r.drafter, r.k, r.drafted) for r in run(load, policy, 60)]
+
+    assert trace(0) == trace(0)
+    assert trace(0) != trace(5)  # the seed shifts the exploration rotation
+
+
+def test_atlas_drives_the_real_engine_losslessly(tiny_target):
+    """Protocol check on the reference engine (tiny random model): plan/feedback, trim via a drafter wrapper."""
+    from adaspec.core.drafters.prompt_lookup import PromptLookupDrafter
+    from adaspec.core.engine.engine import SpecEngine
+    from adaspec.core.engine.sampling import SamplingParams
+
+    target = dataclasses.replace(tiny_target, eos_token_ids=frozenset())
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(3, 97) for _ in range(12)] * 2 for _ in range(3)]
+    plain = SpecEngine(target, [PromptLookupDrafter(1, 3)], batch_size=3)
+    ref = plain.generate(prompts, SamplingParams(max_new_tokens=24), FixedPolicy(None, 0))
+    policy = AtlasPolicy(["prompt-lookup"], ControllerSettings(guarded=(), verify_fixed_s=1.0))
+
+    class Trimmed:  # what the proposed engine hook does, done from the drafter side
+        def __init__(self, inner):
+            self.inner, self.name, self.hidden_layers = inner, inner.name, inner.hidden_layers
+
+        def start(self, r):
+            self.inner.start(r)
+
+        def observe(self, o):
+            self.inner.observe(o)
+
+        def finish(self, r):
+            self.inner.finish(r)
+
+        def propose(self, reqs, ks):
+            return [d.truncated(policy.trim(r, self.name, d)) for r, d in zip(reqs, self.inner.propose(reqs, ks))]
+
+    eng = SpecEngine(target, [Trimmed(PromptLookupDrafter(1, 3))], batch_size=3)
+    out = eng.generate(prompts, SamplingParams(max_new_tokens=24), policy)
+    assert [r.output_tokens for r in out] == [r.output_tokens for r in ref]
+    assert any(rec.drafter == "prompt-lookup" and rec.drafted for r in out for rec in r.records)
+    assert policy.calibrators[0].evidence > 0
+
+
+# -- baselines -------------------------------------------------------------------------------------------------------
+
+
+def _sglang_k_trace(policy: SGLangAdaptivePolicy, batch: int, accepted: list[int]) -> list[int]:
+    """Plan, then feed back `accepted[i]` for every request of step i; returns the planned k per step."""
+    states = [state(f"r{i}") for i in range(batch)]
+    ks = []
+    for step, a in enumerate(accepted, start=1):
+        plans = policy.plan(states)
+        k = plans[0].k
+        ks.append(k)
+        policy.feedback([record(step, s.request_id, plans[0].drafter, k, min(a, k), [0.9] * k, batch=batch)
+                         for s in states])
+    return ks
+
+
+def test_sglang_adaptive_tier_switching_by_hand():
+    # bs=1 slot: candidates [1, 3, 7], start 3, EMA 2.0, alpha 0.2, warmup 10, every 5, down hysteresis -0.25.
+    # 15 x accept 3: EMA = 3 - 0.8**15 = 2.965 > 3 - 0.5 -> 7 (first decision at update 15).
+    # then accept 0: update 20: EMA = 2.965 * 0.8**5 = 0.971 <= 3 - 0.5 - 0.25 -> 3 (> 0.25, stop);
+    # update 25: 0.318 > 0.25 -> stay 3; update 30: 0.104 <= 0.25 -> 1.
+    ks = _sglang_k_trace(SGLangAdaptivePolicy("static"), 1, [3] * 15 + [0] * 20)
+    assert ks == [3] * 15 + [7] * 5 + [3] * 10 + [1] * 5
+
+
+def test_sglang_adaptive_slots_and_zero_step_probe():
+    # bs=8 slot: candidates [0, 1, 3], start 3, EMA 2.0; accept 0: update 15: EMA 0.070 <= 0.5 -> 0 (two tiers);
+    # update 20 (no EMA change at 0 steps): probe -> 1; update 25: EMA 0.023 <= 0.5 -> 0; update 30: probe -> 1.
+    ks = _sglang_k_trace(SGLangAdaptivePolicy("static"), 8, [0] * 32)
+    assert ks == [3] * 15 + [0] * 5 + [1] * 5 + [0] * 5 + [1] * 2
+    p = SGLangAdaptivePolicy("static")
+    assert [p.params.get_steps_for_batch(b) for b in (1, 7, 8, 31, 32, 63, 64, 500)] == [3, 3, 3, 3, 1, 1, 0, 0]
+    assert all(pl == Plan(None, 0) for pl in p.plan([state("x", pending=5)]))  # prefill: SGLang does not draft
+    assert _sglang_k_trace(SGLangAdaptivePolicy("static"), 64, [5] * 40) == [0] * 40  # bs 64: never speculates
+
+
+def test_oracle_picks_the_hindsight_best():
+    table = {"a": 5, "b": 1}
+    cheap = CostModel(verify_fixed_s=0.01, verify_token_s=1e-5, draft_token_s=1e-6)
+    oracle = OraclePolicy(["a", "b"], lambda st_, d, k: min(k, table[d]), costs=cheap, max_k=8)
+    assert oracle.plan([state("r")]) == [Plan("a", 5)]
+    dear = CostModel(verify_fixed_s=1e-4, verify_token_s=1e-2, draft_token_s=2e-3)
+    oracle = OraclePolicy(["a", "b"], lambda st_, d, k: min(k, table[d]), costs=dear, max_k=8)
+    assert oracle.plan([state(f"r{i}") for i in range(4)]) == [Plan(None, 0)] * 4
+
+
+def test_make_policy_by_name():
+    assert isinstance(make_policy("atlas"), AtlasPolicy)
+    fixed = make_policy("fixed-suffix", k=3)
+    assert fixed.plan([state("r")]) == [Plan("suffix", 3)]
+    assert isinstance(make_policy("sglang-adaptive"), SGLangAdaptivePolicy)
+    with pytest.raises(ConfigError):
+        make_policy("nope")
+    assert policy_drafters("atlas", ["none", "static", "suffix"]) == ["static", "suffix"]
+    assert policy_drafters("sglang-adaptive", ["none"]) == ["static"]
+    with pytest.raises(ConfigError):
+        policy_drafters("nope", [])
+
+
+# -- settings --------------------------------------------------------------------------------------------------------
+
+
+def test_controller_settings_from_env(monkeypatch):
+    monkeypatch.setenv("ADASPEC_CONTROLLER_MAX_K", "12")
+    monkeypatch.setenv("ADASPEC_CONTROLLER_GUARDED", "adaptive, adaptive-2")
+    s = load_controller_settings()
+    assert s.max_k == 12 and s.guarded == ("adaptive", "adaptive-2")
+    monkeypatch.setenv("ADASPEC_CONTROLLER_GUARDED", '["x"]')
+    assert load_controller_settings().guarded == ("x",)
+
+
+@pytest.mark.parametrize("field,value", [("max_k", 0), ("ema_request_alpha", 0.0), ("calib_bins", 1),
+                                         ("fallback", "adaptive"), ("explore_k", 99)])
+def test_bad_controller_settings_name_the_field(field, value):
+    with pytest.raises(ConfigError) as exc:
+        load_controller_settings(**{field: value})
+    msg = str(exc.value)
+    assert "invalid controller settings" in msg
+    if field not in ("fallback", "explore_k"):  # cross-field checks name the model, not one field
+        assert f"ADASPEC_CONTROLLER_{field.upper()}" in msg
+
+
+def test_every_knob_has_a_default_and_a_description():
+    s = ControllerSettings()
+    for name, info in ControllerSettings.model_fields.items():
+        assert info.description, name
+        assert getattr(s, name) is not None
