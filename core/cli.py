@@ -79,9 +79,15 @@ def drafters_cmd() -> None:
 def config_cmd(config: Optional[Path] = ConfigOpt) -> None:
     """Show every setting: effective value, env var and meaning."""
     s = _settings(config)
+    from adaspec.core.controller.settings import ENV_PREFIX, load_controller_settings
+
     table = Table("setting", "env var", "value", "meaning")
     for name, _default, desc in settings_table():
         table.add_row(name, f"ADASPEC_{name.upper()}", str(getattr(s, name)), desc)
+    cs = load_controller_settings()
+    for name, info in type(cs).model_fields.items():
+        table.add_row(f"controller.{name}", f"{ENV_PREFIX}{name.upper()}", str(getattr(cs, name)),
+                      info.description or "")
     out.print(table)
 
 
@@ -93,6 +99,10 @@ def generate_cmd(
     temperature: Optional[float] = typer.Option(None, help="0 = greedy; > 0 samples (exact speculative sampling)."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass."),
     lookahead: Optional[int] = typer.Option(None, "--lookahead", "-k", help="Draft tokens per step."),
+    policy: Optional[str] = typer.Option(
+        None, help="Controller: atlas, fixed-static, fixed-suffix, adaptive-alone, sglang-adaptive "
+        "(default: the fixed --drafter at -k)."
+    ),
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as-is, without the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print tokens, forwards, tau and wall time as JSON."),
@@ -109,10 +119,13 @@ def generate_cmd(
     )
     if raw:
         s.chat_template = False
-    rt = Runtime.load(s, drafter_names=[s.drafter])
+    from adaspec.core.controller import policy_drafters
+    from adaspec.core.drafters.registry import available
+
+    rt = Runtime.load(s, drafter_names=policy_drafters(policy, list(available())) if policy else [s.drafter])
     ids = rt.target.encode(prompt, chat=s.chat_template)
     t0 = time.perf_counter()
-    (res,) = rt.generate([ids], drafter=s.drafter)
+    (res,) = rt.generate([ids], drafter=s.drafter, policy=policy)
     wall = time.perf_counter() - t0
     text = rt.target.decode(res.output_tokens)
     if as_json:
@@ -126,6 +139,7 @@ def generate_cmd(
             "wall_s": round(wall, 4),
             "tokens_per_s": round(len(res.output_tokens) / wall, 2) if wall > 0 else None,
             "drafter": s.drafter,
+            "policy": policy,
             "finish_reason": res.finish_reason,
         }))
     else:

@@ -44,12 +44,22 @@ class Runtime:
         s = self.settings
         return SamplingParams(s.max_new_tokens, s.temperature, s.top_p, s.seed)
 
+    def policy(self, name: str) -> Policy:
+        """A policy by name (`atlas`, `fixed-static`, `sglang-adaptive`, ...) over this runtime's drafters;
+        controller knobs come from `ADASPEC_CONTROLLER_*`."""
+        from adaspec.core.controller import load_controller_settings, make_policy
+
+        return make_policy(name, [n for n in self.drafters if n != "none"], self.settings.lookahead,
+                           load_controller_settings())
+
     def generate(
         self,
         prompts: Sequence[list[int] | RequestSpec],
         drafter: str | None = None,
-        policy: Policy | None = None,
+        policy: Policy | str | None = None,
         params: SamplingParams | None = None,
     ) -> list[GenerationResult]:
+        if isinstance(policy, str):
+            policy = self.policy(policy)
         policy = policy or FixedPolicy(drafter or self.settings.drafter, self.settings.lookahead)
         return self.engine.generate(prompts, params or self.sampling(), policy)

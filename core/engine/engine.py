@@ -57,7 +57,12 @@ class StepRecord:
 
 
 class Policy(Protocol):
-    """Decides drafter and lookahead per request and step; learns from the records of each step."""
+    """Decides drafter and lookahead per request and step; learns from the records of each step.
+
+    Optional hook: `trim(request, drafter_name, draft) -> int`. If a policy has it (and it is not None), the
+    engine calls it once per drafted request right after `propose`, before verification, and verifies only
+    the first n tokens of the draft (n clipped to [0, len(draft.tokens)]).
+    """
 
     def plan(self, requests: Sequence["RequestState"]) -> list[Plan]: ...
 
@@ -233,10 +238,18 @@ class SpecEngine:
         return max(0, min(k, budget, room))
 
     def _draft(
-        self, states: Sequence[RequestState], plans: Sequence[Plan], kv_lens: Sequence[int]
+        self,
+        states: Sequence[RequestState],
+        plans: Sequence[Plan],
+        kv_lens: Sequence[int],
+        policy: Policy | None = None,
     ) -> tuple[list[Draft], list[str | None], float]:
-        """Ask each drafter, batched, for the requests assigned to it; returns drafts in request order."""
+        """Ask each drafter, batched, for the requests assigned to it; returns drafts in request order.
+
+        A policy with a `trim` hook may shorten each proposal before it is verified (early stop).
+        """
         t0 = time.perf_counter()
+        trim = getattr(policy, "trim", None)
         drafts = [Draft() for _ in states]
         names: list[str | None] = [None] * len(states)
         groups: dict[str, list[int]] = {}
@@ -250,7 +263,13 @@ class SpecEngine:
         for name, idx in groups.items():
             proposals = self.drafters[name].propose([states[i].view() for i in idx], [ks[i] for i in idx])
             for i, d in zip(idx, proposals):
-                drafts[i] = d.truncated(ks[i]) if len(d.tokens) > ks[i] else d
+                if len(d.tokens) > ks[i]:
+                    d = d.truncated(ks[i])
+                if trim is not None and d.tokens:
+                    n = int(trim(states[i], name, d))
+                    if n < len(d.tokens):
+                        d = d.truncated(max(0, n))
+                drafts[i] = d
                 names[i] = name
         return drafts, names, time.perf_counter() - t0
 
@@ -266,7 +285,7 @@ class SpecEngine:
         device = self.target.device
         plans = policy.plan(states)
         kv_lens = kv.lengths.tolist() if kv.batch_size else [0] * len(states)
-        drafts, names, draft_s = self._draft(states, plans, kv_lens)
+        drafts, names, draft_s = self._draft(states, plans, kv_lens, policy)
 
         B = len(states)
         chunks = [st.pending + d.tokens for st, d in zip(states, drafts)]
