@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_tiny_target
+from tiny_models import make_tiny_target
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adaspec.core.drafters.adaptive import AdaptiveDrafter
