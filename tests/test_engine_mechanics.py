@@ -175,3 +175,18 @@ def test_each_drafter_gets_its_own_layers_in_its_order(no_eos_target):
         assert ha.shape[1] == 1 and hb.shape[1] == 2
         torch.testing.assert_close(ha[:, 0], hb[:, 1])
         assert not torch.allclose(hb[:, 0], hb[:, 1])
+
+
+def test_policy_finish_hook_is_called_once_per_request(no_eos_target, prompts, reference):
+    class Tracking(FixedPolicy):
+        def __init__(self) -> None:
+            super().__init__("noisy-oracle", 3)
+            self.finished: list[str] = []
+
+        def finish(self, request_id: str) -> None:
+            self.finished.append(request_id)
+
+    pol = Tracking()
+    eng = SpecEngine(no_eos_target, [NoisyOracleDrafter(reference, VOCAB, seed=4)], batch_size=3)
+    res = eng.generate(prompts, SamplingParams(max_new_tokens=9), pol)
+    assert sorted(pol.finished) == sorted(r.request_id for r in res)

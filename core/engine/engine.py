@@ -59,9 +59,9 @@ class StepRecord:
 class Policy(Protocol):
     """Decides drafter and lookahead per request and step; learns from the records of each step.
 
-    Optional hook: `trim(request, drafter_name, draft) -> int`. If a policy has it (and it is not None), the
-    engine calls it once per drafted request right after `propose`, before verification, and verifies only
-    the first n tokens of the draft (n clipped to [0, len(draft.tokens)]).
+    Optional hooks: `finish(request_id)`, called when a request leaves the batch; and
+    `trim(request, drafter_name, draft) -> int`, called once per drafted request right after `propose`,
+    before verification: the engine verifies only the first n tokens (n clipped to [0, len(draft.tokens)]).
     """
 
     def plan(self, requests: Sequence["RequestState"]) -> list[Plan]: ...
@@ -194,10 +194,10 @@ class SpecEngine:
                     self._step(admitted, new_kv, params, policy, prefill=True)
                     kv.merge(new_kv)
                     running += admitted
-                    running, kv = self._retire(running, kv)
+                    running, kv = self._retire(running, kv, policy)
                     continue  # the newly admitted requests take part in the next decode step
                 self._step(running, kv, params, policy, prefill=False)
-                running, kv = self._retire(running, kv)
+                running, kv = self._retire(running, kv, policy)
                 kv.maybe_compact(self.compact_holes_ratio)
         return [self._result(st) for st in states]
 
@@ -219,7 +219,9 @@ class SpecEngine:
         st.pending = list(spec.prompt)
         return st
 
-    def _retire(self, running: list[RequestState], kv: BatchKV) -> tuple[list[RequestState], BatchKV]:
+    def _retire(
+        self, running: list[RequestState], kv: BatchKV, policy: Policy
+    ) -> tuple[list[RequestState], BatchKV]:
         keep = [i for i, st in enumerate(running) if st.finish_reason is None]
         if len(keep) == len(running):
             return running, kv
@@ -228,6 +230,9 @@ class SpecEngine:
                 st.finished = time.perf_counter()
                 for d in self.drafters.values():
                     d.finish(st.view())
+                policy_finish = getattr(policy, "finish", None)  # optional: drop per-request policy state
+                if policy_finish is not None:
+                    policy_finish(st.request_id)
         kv.select(torch.tensor(keep, dtype=torch.long, device=kv.device))
         return [running[i] for i in keep], kv
 
