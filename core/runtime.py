@@ -7,7 +7,7 @@ from typing import Sequence
 
 from adaspec.core.config import Settings
 from adaspec.core.drafters.base import Drafter
-from adaspec.core.drafters.registry import make_drafter
+from adaspec.core.drafters.registry import make_drafter, require_known
 from adaspec.core.engine.engine import FixedPolicy, GenerationResult, Policy, RequestSpec, SpecEngine
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.target import Target, load_target
@@ -24,12 +24,7 @@ class Runtime:
     def load(cls, settings: Settings, drafter_names: Sequence[str] = ()) -> "Runtime":
         """Build drafters first (an unknown name fails before the model loads), then the target."""
         names = list(dict.fromkeys(["none", *drafter_names]))
-        from adaspec.core.drafters.registry import available
-        from adaspec.core.errors import RequestError
-
-        for n in names:
-            if n not in available():
-                raise RequestError(f"unknown drafter {n!r}; available: {', '.join(available())}")
+        require_known(names)
         target = load_target(settings)
         drafters = {n: make_drafter(n, settings, target) for n in names}
         engine = SpecEngine(target, drafters, settings.batch_size, settings.compact_holes_ratio)

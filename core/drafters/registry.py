@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 from adaspec.core.config import Settings
 from adaspec.core.drafters.base import Drafter
@@ -25,10 +25,16 @@ def available() -> dict[str, str]:
     return {name: desc for name, (_, desc) in sorted(_FACTORIES.items())}
 
 
+def require_known(names: Sequence[str]) -> None:
+    """Raise a RequestError listing the known drafters if any name is not registered (cheap: no model)."""
+    for name in names:
+        if name not in _FACTORIES:
+            raise RequestError(f"unknown drafter {name!r}; available: {', '.join(available())}")
+
+
 def make_drafter(name: str, settings: Settings, target: object | None = None) -> Drafter:
     """Build a drafter; unknown names raise a RequestError listing the known ones."""
-    if name not in _FACTORIES:
-        raise RequestError(f"unknown drafter {name!r}; available: {', '.join(available())}")
+    require_known([name])
     return _FACTORIES[name][0](settings, target)
 
 
