@@ -141,13 +141,13 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
                 os.environ["ADASPEC_CONFIG"] = previous
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per bad field: `field: message (got value)`, using the env var spelling users set."""
-    lines = ["invalid settings:"]
+def describe_validation_error(exc: ValidationError, env_prefix: str = "ADASPEC_", what: str = "settings") -> str:
+    """One line per bad field: `field (ENV_VAR): message (got value)`, using the env var spelling users set."""
+    lines = [f"invalid {what}:"]
     for err in exc.errors():
         field = ".".join(str(p) for p in err.get("loc", ())) or "?"
-        got = err.get("input")
-        lines.append(f"  {field} (ADASPEC_{field.upper()}): {err.get('msg')} (got {got!r})")
+        env = f"{env_prefix}{field.upper()}" if field != "?" else f"{env_prefix}*"
+        lines.append(f"  {field} ({env}): {err.get('msg')} (got {err.get('input')!r})")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from adaspec.core.config import describe_validation_error
 from adaspec.core.errors import ConfigError
 
 ENV_PREFIX = "ADASPEC_CONTROLLER_"
@@ -166,12 +167,7 @@ def load_controller_settings(**overrides: Any) -> ControllerSettings:
     try:
         return ControllerSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        lines = ["invalid controller settings:"]
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err.get("loc", ())) or "?"
-            env = f"{ENV_PREFIX}{field.upper()}" if field != "?" else ENV_PREFIX + "*"
-            lines.append(f"  {field} ({env}): {err.get('msg')} (got {err.get('input')!r})")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(describe_validation_error(exc, ENV_PREFIX, "controller settings")) from None
 
 
 def controller_settings_table() -> list[tuple[str, str, str]]:
