@@ -86,6 +86,27 @@ class Settings(BaseSettings):
         default=131072, ge=0, le=100_000_000, description="Suffix drafter: past-response tokens kept per tenant."
     )
     suffix_max_tenants: int = Field(default=8, ge=1, le=100_000, description="Suffix drafter: tenant caches kept (LRU).")
+    static_head_path: Path | None = Field(
+        default=None,
+        description="Static drafter: an EAGLE-3 head dir (SGLang format). Unset: the head shipped for the pinned "
+        "model, else <cache_dir>/heads/<model>/eagle3/final (what `adaspec train-static` writes).",
+    )
+    adaptive_inner_size: int = Field(
+        default=1024, ge=1, le=65536, description="Adaptive drafter: width of its MLP (a fresh head's size)."
+    )
+    adaptive_lr: float = Field(default=1e-3, gt=0.0, le=1.0, description="Adaptive drafter: online learning rate.")
+    adaptive_head_path: Path | None = Field(
+        default=None,
+        description="Adaptive drafter: a saved head (safetensors from `adaspec sidecar export`) to start from; "
+        "unset starts from scratch (it then predicts little until it has learned).",
+    )
+    adaptive_collect: int = Field(
+        default=0,
+        ge=0,
+        le=10_000_000,
+        description="Adaptive drafter: training samples kept from finished requests for in-process learning "
+        "(0 = off; the sidecar learns from logs instead).",
+    )
     compact_holes_ratio: float = Field(
         default=0.25,
         gt=0.0,

@@ -17,7 +17,7 @@ from adaspec.core.drafters.none import NoneDrafter
 from adaspec.core.engine.engine import FixedPolicy, Plan, SpecEngine
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads import sglang_eagle3_format as fmt
-from adaspec.core.heads.adaptive import AdaptiveHead, features_from_stream
+from adaspec.core.heads.adaptive import AdaptiveHead, features_from_stream, load_adaptive, save_adaptive
 from adaspec.core.heads.eagle3 import Eagle3Head
 from adaspec.core.heads.export_sglang import CONFIG_FILE, check_export, export_sglang, load_sglang
 from adaspec.core.target import Target
@@ -205,6 +205,17 @@ def test_state_dict_round_trip(target):
     assert not torch.equal(s1.fc.weight, s2.fc.weight)
     s2.load_state_dict(s1.state_dict())
     assert all(torch.equal(x, y) for x, y in zip(s1.state_dict().values(), s2.state_dict().values()))
+
+
+def test_adaptive_file_round_trip_reads_width_from_file(target, tmp_path):
+    a = AdaptiveHead.for_target(target, inner_size=48, seed=1, lr=5e-4)
+    torch.nn.init.normal_(a.down.weight, std=0.1)
+    path = save_adaptive(a, tmp_path / "head.safetensors")
+    b = load_adaptive(path, target)
+    assert b.cfg.inner_size == 48 and b.cfg.lr == 5e-4
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(FileNotFoundError):
+        load_adaptive(tmp_path / "missing.safetensors", target)
 
 
 @pytest.mark.parametrize("reduced", [False, True])

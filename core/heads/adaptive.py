@@ -14,11 +14,15 @@ drafted token as the next input; `learn` trains exactly that unroll (teacher-for
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from adaspec import kernels
@@ -213,3 +217,29 @@ class AdaptiveHead(nn.Module):
     def reset_optimizer(self) -> None:
         """Forget AdamW moments (after a weight swap from elsewhere, the old moments no longer apply)."""
         self._optimizer = None
+
+
+def save_adaptive(head: AdaptiveHead, path: Path | str) -> Path:
+    """Write the head's trainable tensors (safetensors, atomic) with its config in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"adaspec_adaptive": json.dumps(head.cfg.to_json())})
+    tmp.replace(path)
+    return path
+
+
+def load_adaptive(path: Path | str, target: Any, **overrides: Any) -> AdaptiveHead:
+    """A head for `target` with the weights of `path` (its width is read from the file, not assumed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adaptive head {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("adaspec_adaptive", "{}"))
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    inner = int(tensors["up.weight"].shape[0]) if "up.weight" in tensors else int(meta.get("inner_size", 1024))
+    keep = {k: meta[k] for k in ("lr", "weight_decay", "grad_clip", "step_decay") if k in meta}
+    head = AdaptiveHead.for_target(target, inner_size=inner, **{**keep, **overrides})
+    head.load_state_dict({k: v.to(head.up.weight.device, head.dtype) for k, v in tensors.items()}, strict=True)
+    return head
