@@ -1,0 +1,130 @@
+"""The head base: everything the sidecar needs to rebuild the servers' adaptive head without the target model.
+
+One safetensors file holds the head's config, the target's frozen embedding and LM head (stored once when
+tied) and the head's initial trainable weights (version 0, exactly what the servers start from). It is
+written atomically (temp file + rename) and carries a fingerprint of the frozen tensors, so a checkpoint
+trained against one base is never resumed against another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from adaspec.core.errors import ConfigError
+from adaspec.core.heads.adaptive import AdaptiveConfig, AdaptiveHead
+
+FORMAT = "adaspec-adaptive-base/1"
+_EMBED, _LM_HEAD, _INIT = "frozen.embed", "frozen.lm_head", "init."
+
+
+@dataclass
+class HeadBase:
+    """A head's frozen context plus its initial weights; `build()` makes a fresh trainable head from it."""
+
+    config: AdaptiveConfig
+    embed: Tensor
+    lm_head: Tensor
+    init: dict[str, Tensor]
+    fingerprint: str
+
+    def build(self, **overrides: Any) -> AdaptiveHead:
+        """A head at version 0 (`overrides` replace config fields such as lr)."""
+        cfg = dataclasses.replace(self.config, **overrides)
+        head = AdaptiveHead(cfg, self.embed, self.lm_head)
+        head.load_state_dict(self.init, strict=True)
+        return head.eval()
+
+
+def fingerprint(cfg: AdaptiveConfig, embed: Tensor, lm_head: Tensor) -> str:
+    """sha256 over the config (shape-defining fields) and the frozen tensors' bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size}, sort_keys=True).encode())
+    for t in (embed, lm_head):
+        flat = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(str(tuple(flat.shape)).encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_base(head: AdaptiveHead, path: Path | str) -> Path:
+    """Write `head` (its current weights as version 0) as a base file, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    embed, lm_head = head.embed_weight, head.lm_head_weight
+    tied = embed.data_ptr() == lm_head.data_ptr() and embed.shape == lm_head.shape
+    tensors = {_EMBED: embed.detach().to("cpu").contiguous()}
+    if not tied:
+        tensors[_LM_HEAD] = lm_head.detach().to("cpu").contiguous()
+    for name, t in head.state_dict().items():
+        tensors[_INIT + name] = t.detach().to("cpu").contiguous()
+    meta = {
+        "format": FORMAT,
+        "config": json.dumps(head.cfg.to_json()),
+        "tied": "1" if tied else "0",
+        "fingerprint": fingerprint(head.cfg, embed, lm_head),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_base(path: Path | str, verify: bool = True) -> HeadBase:
+    """Load and check a base file; ConfigError names what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"head base {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ConfigError(f"{path}: not a head base (format {meta.get('format')!r}, want {FORMAT})")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        cfg = AdaptiveConfig(**json.loads(meta["config"]))
+    except ConfigError:
+        raise
+    except Exception as exc:  # safetensors/json/dataclass errors: a damaged or foreign file
+        raise ConfigError(f"cannot read head base {path}: {type(exc).__name__}: {exc}") from None
+    embed = tensors.pop(_EMBED, None)
+    lm_head = tensors.pop(_LM_HEAD, None) if meta.get("tied") != "1" else embed
+    if embed is None or lm_head is None:
+        raise ConfigError(f"{path}: frozen embedding or LM head missing")
+    want = (cfg.vocab_size, cfg.hidden_size)
+    if tuple(embed.shape) != want or tuple(lm_head.shape) != want:
+        raise ConfigError(f"{path}: frozen tensors {tuple(embed.shape)}/{tuple(lm_head.shape)} do not match {want}")
+    init = {k[len(_INIT):]: v for k, v in tensors.items() if k.startswith(_INIT)}
+    fp = meta.get("fingerprint", "")
+    if verify and fingerprint(cfg, embed, lm_head) != fp:
+        raise ConfigError(f"{path}: fingerprint mismatch (file damaged?)")
+    base = HeadBase(cfg, embed, lm_head, init, fp)
+    try:
+        base.build()
+    except RuntimeError as exc:  # initial weights do not fit the config
+        raise ConfigError(f"{path}: initial weights do not match the config: {exc}"[:500]) from None
+    return base
+
+
+def base_from_model(path: Path, inner_size: int, seed: int) -> HeadBase:
+    """Build a fresh head for the configured target model (ADASPEC_* settings), write it to `path`, load it."""
+    from adaspec.core.config import load_settings
+    from adaspec.core.target import load_target
+
+    target = load_target(load_settings(device="cpu"))
+    head = AdaptiveHead.for_target(target, inner_size=inner_size, seed=seed)
+    write_base(head, path)
+    del target
+    return read_base(path)

@@ -1,0 +1,268 @@
+"""Durable sidecar state: published versions and trainer checkpoints, each written atomically.
+
+    <state_dir>/versions/v0000000007.safetensors     weights of every published version (+ record in metadata)
+    <state_dir>/checkpoints/ckpt-00000012/           trainer.safetensors (weights + AdamW moments), manifest.json
+
+Everything is written into a temp name and renamed into place, so a crash (kill -9) leaves either the old
+or the new state, never a half-written one; leftovers of an interrupted write are removed at start. A
+version file is written *before* the version is broadcast, so a restarted sidecar never reuses a number the
+servers already hold. Loading verifies checksums; a damaged checkpoint is skipped for the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from adaspec.core.wire import named_tensor, weights_checksum
+
+FORMAT = "adaspec-sidecar-checkpoint/1"
+_VERSION_RE = re.compile(r"^v(\d{10})\.safetensors$")
+_CKPT_RE = re.compile(r"^ckpt-(\d{8})$")
+
+
+class CheckpointError(Exception):
+    """A stored file is missing, damaged or from another base."""
+
+
+@dataclass
+class VersionRecord:
+    """Why and when a version was published (kept in its file and in the manifest's history)."""
+
+    version: int
+    source: str  # "gate" | "rollback" | "operator-rollback" | "reset" | "initial"
+    parent: int  # the version that was serving before
+    time: float
+    reason: str = ""
+    candidate_tau: float = 0.0
+    serving_tau: float = 0.0
+    weights_of: int = 0  # for rollbacks: the version whose weights were re-published
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint restores: trainer weights + AdamW moments, counters, the serving lineage."""
+
+    weights: dict[str, Tensor]
+    optimizer: dict[str, dict[str, Tensor]]  # param name -> {"exp_avg", "exp_avg_sq"}
+    optimizer_step: int
+    updates: int
+    trained_tokens: int
+    serving_version: int
+    history: list[VersionRecord] = field(default_factory=list)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    path: Path | None = None
+
+
+def checksum(tensors: dict[str, Tensor]) -> str:
+    """The wire checksum of a set of named tensors (what a WeightUpdate of them would carry)."""
+    return weights_checksum([named_tensor(n, t) for n, t in tensors.items()])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    """Reads and writes versions and checkpoints under one state dir for one base fingerprint."""
+
+    def __init__(self, state_dir: Path, drafter: str, fingerprint: str, keep_checkpoints: int = 3,
+                 keep_versions: int = 16) -> None:
+        self.root = Path(state_dir)
+        self.drafter, self.fingerprint = drafter, fingerprint
+        self.keep_checkpoints, self.keep_versions = keep_checkpoints, keep_versions
+        self.versions_dir = self.root / "versions"
+        self.ckpt_dir = self.root / "checkpoints"
+        for d in (self.versions_dir, self.ckpt_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for leftover in d.glob(".tmp-*"):  # an interrupted write
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+    # -- versions -------------------------------------------------------------------------------------------
+    def version_path(self, version: int) -> Path:
+        return self.versions_dir / f"v{version:010d}.safetensors"
+
+    def versions(self) -> list[int]:
+        out = []
+        for p in self.versions_dir.iterdir():
+            m = _VERSION_RE.match(p.name)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def save_version(self, record: VersionRecord, weights: dict[str, Tensor]) -> Path:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        meta = {
+            "format": FORMAT,
+            "drafter": self.drafter,
+            "fingerprint": self.fingerprint,
+            "record": json.dumps(asdict(record)),
+            "checksum": checksum(tensors),
+        }
+        path = self.version_path(record.version)
+        tmp = self.versions_dir / f".tmp-{os.getpid()}-{path.name}"
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        _fsync_dir(self.versions_dir)
+        return path
+
+    def load_version(self, version: int) -> tuple[dict[str, Tensor], VersionRecord]:
+        path = self.version_path(version)
+        if not path.is_file():
+            raise CheckpointError(f"version {version} is not stored (kept: {self.versions()})")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            record = VersionRecord(**json.loads(meta["record"]))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})"[:400]) from None
+        if meta.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{path}: trained against another head base")
+        if checksum(tensors) != meta.get("checksum"):
+            raise CheckpointError(f"{path}: checksum mismatch")
+        return tensors, record
+
+    def prune_versions(self, protect: set[int]) -> None:
+        vs = self.versions()
+        for v in vs[: max(0, len(vs) - self.keep_versions)]:
+            if v not in protect:
+                self.version_path(v).unlink(missing_ok=True)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint dirs, newest first."""
+        found = [(int(m.group(1)), p) for p in self.ckpt_dir.iterdir() if (m := _CKPT_RE.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, state: TrainerState) -> Path:
+        existing = self.checkpoints()
+        seq = (int(_CKPT_RE.match(existing[0].name).group(1)) + 1) if existing else 1  # type: ignore[union-attr]
+        final = self.ckpt_dir / f"ckpt-{seq:08d}"
+        tmp = self.ckpt_dir / f".tmp-{os.getpid()}-{seq:08d}"
+        tmp.mkdir(mode=0o700)
+        try:
+            tensors = {f"weights.{k}": v.detach().to("cpu").contiguous() for k, v in state.weights.items()}
+            for name, moments in state.optimizer.items():
+                for m, t in moments.items():
+                    tensors[f"opt.{name}.{m}"] = t.detach().to("cpu").contiguous()
+            save_file(tensors, str(tmp / "trainer.safetensors"))
+            manifest = {
+                "format": FORMAT,
+                "created": time.time(),
+                "drafter": self.drafter,
+                "base_fingerprint": self.fingerprint,
+                "updates": state.updates,
+                "trained_tokens": state.trained_tokens,
+                "optimizer_step": state.optimizer_step,
+                "serving_version": state.serving_version,
+                "history": [asdict(r) for r in state.history[-256:]],
+                "rollbacks": state.rollbacks[-256:],
+                "files": {"trainer.safetensors": _sha256(tmp / "trainer.safetensors")},
+            }
+            with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(self.ckpt_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.checkpoints()[self.keep_checkpoints:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, path: Path) -> TrainerState:
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: manifest unreadable ({exc})") from None
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r}")
+        if manifest.get("base_fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{path}: trained against another head base")
+        trainer = path / "trainer.safetensors"
+        if not trainer.is_file() or _sha256(trainer) != manifest.get("files", {}).get("trainer.safetensors"):
+            raise CheckpointError(f"{path}: trainer.safetensors missing or damaged")
+        weights: dict[str, Tensor] = {}
+        optimizer: dict[str, dict[str, Tensor]] = {}
+        with safe_open(str(trainer), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith("weights."):
+                    weights[key[len("weights."):]] = f.get_tensor(key)
+                elif key.startswith("opt."):
+                    name, moment = key[len("opt."):].rsplit(".", 1)
+                    optimizer.setdefault(name, {})[moment] = f.get_tensor(key)
+        return TrainerState(
+            weights=weights,
+            optimizer=optimizer,
+            optimizer_step=int(manifest["optimizer_step"]),
+            updates=int(manifest["updates"]),
+            trained_tokens=int(manifest["trained_tokens"]),
+            serving_version=int(manifest["serving_version"]),
+            history=[VersionRecord(**r) for r in manifest.get("history", [])],
+            rollbacks=list(manifest.get("rollbacks", [])),
+            path=path,
+        )
+
+    def latest(self) -> TrainerState | None:
+        """The newest checkpoint that loads and verifies (damaged ones are skipped), or None."""
+        for path in self.checkpoints():
+            try:
+                return self.load(path)
+            except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError):
+                continue
+        return None
+
+
+def export_head(path: Path, weights: dict[str, Tensor], config: dict[str, Any], version: int, drafter: str) -> Path:
+    """Write serving weights as one safetensors file loadable by the adaptive drafter (`adaptive_head_path`):
+    the head's state_dict with its config under metadata key `adaspec_adaptive`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{drafter}-v{version}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    meta = {
+        "adaspec_adaptive": json.dumps(config),
+        "version": str(version),
+        "drafter": drafter,
+        "checksum": checksum(tensors),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
