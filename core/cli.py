@@ -26,6 +26,9 @@ models_app = typer.Typer(no_args_is_help=True, help="Provision and check target 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print measured figures.")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
+from adaspec.sidecar.cli import app as sidecar_app  # noqa: E402  (the sidecar's admin/serve commands)
+
+app.add_typer(sidecar_app, name="sidecar")
 
 out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, soft_wrap=True)  # never break error lines mid-word
