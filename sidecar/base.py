@@ -57,6 +57,12 @@ def fingerprint(cfg: AdaptiveConfig, embed: Tensor, lm_head: Tensor) -> str:
     return h.hexdigest()
 
 
+def _init_checksum(init: dict[str, Tensor]) -> str:
+    from adaspec.core.wire import named_tensor, weights_checksum
+
+    return weights_checksum([named_tensor(n, t) for n, t in init.items()])
+
+
 def write_base(head: AdaptiveHead, path: Path | str) -> Path:
     """Write `head` (its current weights as version 0) as a base file, atomically."""
     path = Path(path)
@@ -73,6 +79,7 @@ def write_base(head: AdaptiveHead, path: Path | str) -> Path:
         "config": json.dumps(head.cfg.to_json()),
         "tied": "1" if tied else "0",
         "fingerprint": fingerprint(head.cfg, embed, lm_head),
+        "init_checksum": _init_checksum({k[len(_INIT):]: v for k, v in tensors.items() if k.startswith(_INIT)}),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -110,6 +117,8 @@ def read_base(path: Path | str, verify: bool = True) -> HeadBase:
     fp = meta.get("fingerprint", "")
     if verify and fingerprint(cfg, embed, lm_head) != fp:
         raise ConfigError(f"{path}: fingerprint mismatch (file damaged?)")
+    if verify and _init_checksum(init) != meta.get("init_checksum"):
+        raise ConfigError(f"{path}: initial weights checksum mismatch (file damaged?)")
     base = HeadBase(cfg, embed, lm_head, init, fp)
     try:
         base.build()

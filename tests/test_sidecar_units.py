@@ -1,0 +1,386 @@
+"""Sidecar building blocks on tiny models: stream stitching, replay buffer, gate, rollback rule, checkpoints."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import pytest
+import torch
+
+from adaspec.core.engine.engine import FixedPolicy
+from adaspec.core.engine.sampling import SamplingParams
+from adaspec.core.heads.adaptive import IGNORE, AdaptiveFeatures, AdaptiveHead
+from adaspec.core.wire import LogBatch, StepEntry, tensor_to_blob
+from adaspec.sidecar.base import read_base, write_base
+from adaspec.sidecar.checkpoint import CheckpointError, CheckpointStore, TrainerState, VersionRecord, export_head
+from adaspec.sidecar.gate import decide, estimate_tau, replay_accepted
+from adaspec.sidecar.replay import ReplayBuffer
+from adaspec.sidecar.samples import StreamAssembler
+from adaspec.sidecar.served import ServedStats
+from adaspec.sidecar.settings import SidecarSettings, load_sidecar_settings
+from adaspec.sidecar.trainer import Trainer
+from adaspec.core.errors import ConfigError
+from sidecar_helpers import VOCAB, capture_entries, chaotic_target, engine_with_adaptive, templates
+
+W = 3
+
+
+@pytest.fixture(scope="module")
+def target():
+    return chaotic_target()
+
+
+def _key(hidden: torch.Tensor, token: int, targets: torch.Tensor) -> tuple:
+    return (hidden.numpy().tobytes(), int(token), tuple(int(t) for t in targets))
+
+
+def _keys(feats: AdaptiveFeatures, targets: torch.Tensor) -> collections.Counter:
+    return collections.Counter(_key(feats.hidden[i], feats.tokens[i], targets[i]) for i in range(len(feats)))
+
+
+@pytest.fixture(scope="module")
+def logged(target):
+    """Entries of a real engine run (batch 3, 5 requests of different lengths) + the drafter's own experience."""
+    engine, drafter = engine_with_adaptive(target, inner_size=32, collect=10**6, unroll=W, batch_size=3)
+    torch.nn.init.normal_(drafter.head.down.weight, std=0.5)  # some drafts get accepted, some not
+    entries = capture_entries(engine)
+    prompts = [[1, 5, 9], [1, 7, 7, 30, 41, 2 + 50], [1, 60], [1, 11, 12, 13, 14], [1, 90, 3, 4]]
+    engine.generate(prompts, SamplingParams(max_new_tokens=20), FixedPolicy("adaptive", 3))
+    feats, targets = drafter.take_experience()
+    return entries, feats, targets, len(prompts)
+
+
+def _consistent(feats, targets, exp_feats, exp_targets) -> bool:
+    """Every sample is a drafter sample; its targets are the drafter's, possibly cut short (IGNORE suffix)."""
+    truth = {(exp_feats.hidden[i].numpy().tobytes(), int(exp_feats.tokens[i])): exp_targets[i] for i in range(len(exp_feats))}
+    for i in range(len(feats)):
+        want = truth.get((feats.hidden[i].numpy().tobytes(), int(feats.tokens[i])))
+        if want is None:
+            return False
+        known = targets[i] != IGNORE
+        n = int(known.sum())
+        if not bool(known[:n].all()) or not torch.equal(targets[i][:n], want[:n]):
+            return False
+    return True
+
+
+def _all_samples(asm: StreamAssembler, batches: list[LogBatch]):
+    out = []
+    for b in batches:
+        out += asm.add_batch(b)
+    out += asm.flush_all()
+    hidden = torch.cat([s.hidden for s in out])
+    tokens = torch.cat([s.tokens for s in out])
+    targets = torch.cat([s.targets for s in out])
+    return AdaptiveFeatures(hidden, tokens), targets
+
+
+def test_stitched_streams_are_exactly_the_drafters_own_training_samples(logged):
+    """Every sample rebuilt from logs is one the in-process drafter would train on, with the same targets;
+    the drafter has one more per request (its root inside the prompt, whose token the logs do not carry)."""
+    entries, exp_feats, exp_targets, n_requests = logged
+    assert any(e.accepted for e in entries) and any(e.drafted > e.accepted for e in entries)
+    asm = StreamAssembler(64, VOCAB, W)
+    batches = [LogBatch(server_id="s", seq=i, entries=entries[i * 4: i * 4 + 4]) for i in range(len(entries) // 4 + 1)]
+    feats, targets = _all_samples(asm, [b for b in batches if b.entries] )
+    mine, theirs = _keys(feats, targets), _keys(exp_feats, exp_targets)
+    assert not mine - theirs
+    assert sum((theirs - mine).values()) == n_requests
+    assert not asm.rejected and not asm.streams
+
+
+def test_a_lost_batch_breaks_streams_instead_of_joining_non_consecutive_steps(logged):
+    entries, exp_feats, exp_targets, _ = logged
+    asm = StreamAssembler(64, VOCAB, W)
+    half = len(entries) // 2
+    b0 = LogBatch(server_id="s", seq=0, entries=entries[:half])
+    b2 = LogBatch(server_id="s", seq=2, entries=entries[half + 3:])  # seq 1 (3 entries) lost
+    feats, targets = _all_samples(asm, [b0, b2])
+    assert asm.gaps["s"] == 1
+    assert _consistent(feats, targets, exp_feats, exp_targets)  # nothing wrong was stitched
+    # a sample whose targets span the gap would be wrong: they were cut (IGNORE-padded) instead
+    full = _all_samples(StreamAssembler(64, VOCAB, W), [LogBatch(server_id="s", seq=0, entries=entries)])
+    assert int((targets == IGNORE).sum()) > int((full[1] == IGNORE).sum())
+
+
+def test_unsampled_entries_break_the_stream(logged):
+    entries, exp_feats, exp_targets, _ = logged
+    holes = [e if i % 3 else e.model_copy(update={"features": None}) for i, e in enumerate(entries)]
+    asm = StreamAssembler(64, VOCAB, W)
+    feats, targets = _all_samples(asm, [LogBatch(server_id="s", seq=0, entries=holes)])
+    assert 0 < len(feats) < len(exp_feats)
+    assert _consistent(feats, targets, exp_feats, exp_targets)
+
+
+def _decode_entry(rows: int, accepted: int = 1, **kw) -> StepEntry:
+    base = dict(step=1, request_id="r", tenant="t", drafter="adaptive", k=3, drafted=2, accepted=accepted,
+                emitted=accepted + 1, drafted_tokens=[5, 6], emitted_tokens=[5, 6][: accepted] + [7],
+                confidence=[], weight_version=0, features=tensor_to_blob(torch.randn(rows, 64)))
+    base.update(kw)
+    return StepEntry(**base)
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (dict(features=tensor_to_blob(torch.full((2, 64), float("nan")))), "features_nonfinite"),
+    (dict(features=tensor_to_blob(torch.tensor([[1.0] * 64, [float("inf")] * 64]))), "features_nonfinite"),
+    (dict(features=tensor_to_blob(torch.randn(2, 63))), "features_shape"),
+    (dict(features=tensor_to_blob(torch.randn(3, 64))), "features_shape"),  # decode rows must be accepted + 1
+    (dict(features=tensor_to_blob(torch.randn(2, 64, 1))), "features_shape"),
+    (dict(features=tensor_to_blob(torch.ones(2, 64, dtype=torch.int64))), "features_dtype"),
+    (dict(emitted_tokens=[5, VOCAB + 3]), "token_range"),
+])
+def test_hostile_entries_are_rejected_counted_and_yield_nothing(bad, reason):
+    asm = StreamAssembler(64, VOCAB, W)
+    good = [_decode_entry(2, step=i) for i in range(6)]
+    out = asm.add_batch(LogBatch(server_id="s", seq=0, entries=good[:3] + [_decode_entry(2, **bad)] + good[3:]))
+    out += asm.flush_all()
+    assert asm.rejected == {reason: 1}
+    n = sum(len(s) for s in out)
+    assert n == 2 * 3 - 1 + 2 * 3 - 1  # the bad entry broke the stream in two; nothing of it is used
+    assert all(torch.isfinite(s.hidden).all() for s in out)
+
+
+def test_holdout_split_is_per_request_and_about_the_fraction():
+    asm = StreamAssembler(64, VOCAB, W, holdout_fraction=0.2)
+    flags = [asm.is_heldout("srv", f"req-{i}") for i in range(2000)]
+    assert 0.17 < sum(flags) / len(flags) < 0.23
+    assert flags == [asm.is_heldout("srv", f"req-{i}") for i in range(2000)]  # stable
+
+
+# -- replay buffer ----------------------------------------------------------------------------------------------
+
+
+def _samples(tenant: str, n: int, start: int = 0, heldout: bool = False):
+    from adaspec.sidecar.samples import Samples
+
+    ids = torch.arange(start, start + n)
+    hidden = ids.float().unsqueeze(1).expand(n, 4).clone()
+    return Samples(tenant, heldout, hidden, ids % VOCAB, torch.stack([ids, ids + 1], 1))
+
+
+def test_replay_buffer_is_bounded_per_tenant_and_evicts_oldest():
+    buf = ReplayBuffer(hidden_size=4, width=2, tenant_capacity=300, max_tenants=2)
+    for i in range(10):
+        buf.add(_samples("a", 70, start=i * 70))
+    assert buf.fill() == {"a": 300}
+    kept = set(buf.rings["a"].hidden[:, 0].long().tolist())
+    assert kept == set(range(700 - 300, 700))  # the newest 300
+    buf.add(_samples("b", 10))
+    buf.add(_samples("c", 10))  # a is the least recently fed: evicted
+    assert set(buf.fill()) == {"b", "c"} and len(buf) == 20
+    buf.add(_samples("b", 1000, start=5000))  # more than capacity in one go: the newest fit
+    assert buf.fill()["b"] == 300 and buf.rings["b"].hidden[:, 0].max() == 5999
+
+
+def test_replay_sampling_prefers_recent_samples_and_balances_tenants():
+    buf = ReplayBuffer(hidden_size=4, width=2, tenant_capacity=4000, half_life=500, tenant_balance=1.0, seed=0)
+    buf.add(_samples("big", 4000))
+    buf.add(_samples("small", 100, start=10_000))
+    feats, _ = buf.sample(4000)
+    ids = feats.hidden[:, 0]
+    from_small = int((ids >= 10_000).sum())
+    assert 1700 < from_small < 2300  # balance 1.0: tenants equally likely
+    big = ids[ids < 10_000]
+    assert float(big.mean()) > 3000  # half-life 500: mostly the newest of 4000
+    buf.tenant_balance = 0.0
+    feats, _ = buf.sample(4000)
+    assert int((feats.hidden[:, 0] >= 10_000).sum()) < 250  # by size: ~100/4100
+
+
+def test_newest_returns_most_recent_per_tenant():
+    buf = ReplayBuffer(hidden_size=4, width=2, tenant_capacity=1000)
+    buf.add(_samples("a", 500))
+    buf.add(_samples("b", 500, start=1000))
+    feats, targets = buf.newest(100)
+    ids = sorted(feats.hidden[:, 0].long().tolist())
+    assert ids == list(range(450, 500)) + list(range(1450, 1500))
+    assert targets.shape == (100, 2)
+
+
+# -- gate -------------------------------------------------------------------------------------------------------
+
+
+def _head(target, seed=0):
+    head = AdaptiveHead.for_target(target, inner_size=32, seed=seed)
+    torch.nn.init.normal_(head.down.weight, std=0.3)
+    return head
+
+
+def test_gate_replay_counts_the_matching_prefix_of_each_chain(target):
+    head = _head(target)
+    g = torch.Generator().manual_seed(0)
+    feats = AdaptiveFeatures(torch.randn(50, 64, generator=g), torch.randint(3, VOCAB, (50,), generator=g))
+    ids, _ = head.draft(feats.hidden, feats.tokens, 4)
+    assert replay_accepted(head, feats, ids, 4).tolist() == [4] * 50  # its own chains: all accepted
+    assert estimate_tau(head, feats, ids, 4) == 5.0
+    wrong = ids.clone()
+    wrong[:, 2] = (wrong[:, 2] + 1) % VOCAB  # third token always wrong
+    assert replay_accepted(head, feats, wrong, 4).tolist() == [2] * 50
+    wrong[:10, 0] = IGNORE  # unknown target: the chain cannot be credited
+    assert replay_accepted(head, feats, wrong, 4).tolist() == [0] * 10 + [2] * 40
+
+
+def test_gate_publishes_only_a_real_improvement(target):
+    good, other = _head(target, 0), _head(target, 1)
+    g = torch.Generator().manual_seed(1)
+    feats = AdaptiveFeatures(torch.randn(64, 64, generator=g), torch.randint(3, VOCAB, (64,), generator=g))
+    targets, _ = good.draft(feats.hidden, feats.tokens, 4)
+    d = decide(good, other, feats, targets, 4, margin=0.01, min_samples=32)
+    assert d.publish and d.candidate_tau == 5.0 and d.serving_tau < 5.0
+    assert not decide(other, good, feats, targets, 4, 0.01, 32).publish
+    assert not decide(good, good, feats, targets, 4, 0.0, 32).publish  # equal is not better
+    few = decide(good, other, AdaptiveFeatures(feats.hidden[:8], feats.tokens[:8]), targets[:8], 4, 0.01, 32)
+    assert not few.publish and "held-out" in few.reason
+
+
+# -- served stats / rollback rule -------------------------------------------------------------------------------
+
+
+def _served_entry(version: int, drafted: int, accepted: int, tenant: str = "t") -> StepEntry:
+    return StepEntry(step=1, request_id="r", tenant=tenant, drafter="adaptive", k=drafted, drafted=drafted,
+                     accepted=accepted, emitted=accepted + 1, drafted_tokens=[], emitted_tokens=[], confidence=[],
+                     weight_version=version)
+
+
+def test_rollback_rule_needs_evidence_and_a_real_drop():
+    st = ServedStats("adaptive", window=1000)
+    st.add("s", [_served_entry(1, 4, 2) for _ in range(100)])  # v1: 0.5 over 400 tokens
+    st.add("s", [_served_entry(2, 4, 1) for _ in range(20)])  # v2: 0.25 but only 80 tokens
+    assert st.rollback_reason(2, 1, min_drafted=200, margin=0.1) is None
+    st.add("s", [_served_entry(2, 4, 1) for _ in range(40)])
+    reason = st.rollback_reason(2, 1, min_drafted=200, margin=0.1)
+    assert reason is not None and "v2" in reason and "v1" in reason
+    st.add("s", [_served_entry(3, 4, 2) for _ in range(60)])  # v3 as good as v1: stays
+    assert st.rollback_reason(3, 1, 200, 0.1) is None
+    other = [e.model_copy(update={"drafter": "suffix"}) for e in [_served_entry(3, 4, 0)] * 500]
+    st.add("s", other)  # other drafters never count
+    assert st.acceptance(3) == (0.5, 240)
+    assert st.tenants["t"][2].tau == 2.0 and st.servers["s"][0] == 3
+
+
+def test_acceptance_window_follows_recent_traffic():
+    st = ServedStats("adaptive", window=100)
+    st.add("s", [_served_entry(1, 4, 4) for _ in range(100)])
+    st.add("s", [_served_entry(1, 4, 0) for _ in range(100)])
+    acc, n = st.acceptance(1)
+    assert acc == 0.0 and 100 <= n < 104
+
+
+# -- checkpoints, trainer, base ---------------------------------------------------------------------------------
+
+
+def _batch(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = AdaptiveFeatures(torch.randn(n, 64, generator=g), torch.randint(3, VOCAB, (n,), generator=g))
+    return feats, torch.randint(3, VOCAB, (n, W), generator=g)
+
+
+def test_checkpoint_round_trip_restores_weights_and_optimizer_exactly(target, tmp_path):
+    base_path = write_base(AdaptiveHead.for_target(target, inner_size=32), tmp_path / "base.safetensors")
+    base = read_base(base_path)
+    a = Trainer(base.build(lr=1e-2), W)
+    for i in range(3):
+        a.step(*_batch(seed=i))
+    store = CheckpointStore(tmp_path / "state", "adaptive", base.fingerprint)
+    moments, step = a.optimizer_state()
+    path = store.save(TrainerState(a.weights(), moments, step, a.updates, a.trained_tokens, 0,
+                                   [VersionRecord(1, "gate", 0, 1.0)]))
+    assert json.loads((path / "manifest.json").read_text())["updates"] == 3
+    st = store.latest()
+    b = Trainer(base.build(lr=1e-2), W)
+    b.load_weights(st.weights, reset_optimizer=False)
+    b.load_optimizer_state(st.optimizer, st.optimizer_step)
+    assert st.history[0].source == "gate" and st.updates == 3
+    a.step(*_batch(seed=9))
+    b.step(*_batch(seed=9))
+    for (n, x), (_, y) in zip(a.head.state_dict().items(), b.head.state_dict().items()):
+        assert torch.equal(x, y), n
+
+
+def test_damaged_or_partial_checkpoints_are_skipped(target, tmp_path):
+    base = read_base(write_base(AdaptiveHead.for_target(target, inner_size=32), tmp_path / "b.safetensors"))
+    store = CheckpointStore(tmp_path / "state", "adaptive", base.fingerprint, keep_checkpoints=5)
+    w = {k: v.clone() for k, v in base.init.items()}
+    first = store.save(TrainerState(w, {}, 0, 1, 10, 0))
+    second = store.save(TrainerState(w, {}, 0, 2, 20, 0))
+    with open(second / "trainer.safetensors", "r+b") as f:  # bit rot
+        f.seek(200)
+        f.write(b"\xff\xff\xff")
+    (tmp_path / "state" / "checkpoints" / ".tmp-123-00000009").mkdir()  # a write that was killed
+    store = CheckpointStore(tmp_path / "state", "adaptive", base.fingerprint)
+    assert store.latest().updates == 1 and store.latest().path == first
+    assert not list((tmp_path / "state" / "checkpoints").glob(".tmp-*"))
+    other = CheckpointStore(tmp_path / "state", "adaptive", "f" * 64)  # another base: nothing to resume
+    assert other.latest() is None
+
+
+def test_versions_are_checksummed_and_pruned(target, tmp_path):
+    base = read_base(write_base(AdaptiveHead.for_target(target, inner_size=32), tmp_path / "b.safetensors"))
+    store = CheckpointStore(tmp_path / "s", "adaptive", base.fingerprint, keep_versions=3)
+    for v in range(1, 6):
+        store.save_version(VersionRecord(v, "gate", v - 1, float(v)), {k: t + v for k, t in base.init.items()})
+    store.prune_versions(protect={1})
+    assert store.versions() == [1, 3, 4, 5]
+    w, rec = store.load_version(4)
+    assert rec.parent == 3 and torch.equal(w["up.weight"], base.init["up.weight"] + 4)
+    raw = bytearray(store.version_path(5).read_bytes())
+    raw[-5] ^= 0xFF
+    store.version_path(5).write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum"):
+        store.load_version(5)
+    with pytest.raises(CheckpointError, match="not stored"):
+        store.load_version(2)
+
+
+def test_base_round_trip_and_damage(target, tmp_path):
+    head = AdaptiveHead.for_target(target, inner_size=32, seed=3)
+    path = write_base(head, tmp_path / "base.safetensors")
+    base = read_base(path)
+    rebuilt = base.build()
+    for k, v in head.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[k], v)
+    assert torch.equal(rebuilt.lm_head_weight, head.lm_head_weight)
+    raw = bytearray(path.read_bytes())
+    for pos in (-100, len(raw) // 2):  # inside the initial weights, inside the frozen tensors
+        damaged = bytearray(raw)
+        damaged[pos] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(ConfigError, match="mismatch"):
+            read_base(path)
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_base(path)
+
+
+def test_export_is_loadable_as_a_head(target, tmp_path):
+    head = AdaptiveHead.for_target(target, inner_size=32, seed=5)
+    torch.nn.init.normal_(head.down.weight)
+    import dataclasses
+
+    (tmp_path / "out").mkdir()
+    path = export_head(tmp_path / "out", head.state_dict(), dataclasses.asdict(head.cfg), 7, "adaptive")
+    assert path == tmp_path / "out" / "adaptive-v7.safetensors"
+    assert export_head(tmp_path / "h.safetensors", head.state_dict(), {}, 7, "adaptive") == tmp_path / "h.safetensors"
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(path))
+    assert set(loaded) == set(head.state_dict())
+    from adaspec.core.heads.adaptive import load_adaptive
+
+    again = load_adaptive(path, target)
+    assert torch.equal(again.down.weight, head.down.weight)
+
+
+def test_settings_are_validated_with_env_names(monkeypatch):
+    monkeypatch.setenv("ADASPEC_SIDECAR_GATE_K", "0")
+    with pytest.raises(ConfigError, match="ADASPEC_SIDECAR_GATE_K"):
+        load_sidecar_settings()
+    monkeypatch.delenv("ADASPEC_SIDECAR_GATE_K")
+    with pytest.raises(ConfigError, match="gate_min_samples"):
+        load_sidecar_settings(gate_min_samples=100, gate_max_samples=10)
+    s = SidecarSettings(unroll=2, gate_k=5)
+    assert s.target_width() == 5
+    assert all(info.description for info in SidecarSettings.model_fields.values())
+    assert os.environ.get("ADASPEC_SIDECAR_GATE_K") is None
