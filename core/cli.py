@@ -236,6 +236,64 @@ def bench_speed_cmd(
         raise typer.Exit(1)
 
 
+@bench_app.command("drift")
+def bench_drift_cmd(
+    phase: list[str] = typer.Option(
+        [], "--phase", help="NAME=PATH[:N], repeatable, in stream order (default: mt_bench, humaneval, "
+        "code_edit, gsm8k, mt_bench from the shared data dir)."),
+    per_phase: int = typer.Option(32, min=1, help="Requests per default phase (and N when a --phase omits it)."),
+    quick: bool = typer.Option(False, "--quick", help="Small stream (8 per phase, 48 tokens): a few minutes."),
+    live: bool = typer.Option(False, "--live", help="Run the reference engine end to end instead of replaying."),
+    policy: list[str] = typer.Option([], "--policy", help="Policies to run (default: all)."),
+    max_new_tokens: int = typer.Option(128, min=1),
+    batch_size: int = typer.Option(4, min=1),
+    lookahead: int = typer.Option(6, "--lookahead", "-k", min=1, help="k of the fixed-k baselines."),
+    window: int = typer.Option(16, min=1, help="Requests per tau window."),
+    no_learn: bool = typer.Option(False, "--no-learn", help="Turn the adaptive drafter's online learning off."),
+    costs: Optional[Path] = typer.Option(None, "--costs", help="Step costs JSON instead of measuring them."),
+    remeasure_costs: bool = typer.Option(False, help="Measure step costs again even if cached."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write everything as JSON here."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the rolling-tau plot (PNG) here."),
+    model: Optional[str] = ModelOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Every policy on one drifting stream (replayed exactly on cached greedy traces, or live)."""
+    from rich.progress import Progress
+
+    from adaspec.core.controller import load_controller_settings
+    from adaspec.core.drift import policies as P
+    from adaspec.core.drift.bench import DriftArgs, run_drift
+    from adaspec.core.drift.plot import plot_drift
+    from adaspec.core.drift.stream import default_phases, parse_phase
+    from adaspec.core.drift.table import print_drift
+    from adaspec.core.errors import RequestError
+    from adaspec.core.target import load_target
+
+    if quick:
+        per_phase, max_new_tokens, window = min(per_phase, 8), min(max_new_tokens, 48), min(window, 8)
+    unknown = [p for p in policy if p not in P.POLICIES]
+    if unknown:
+        raise RequestError(f"unknown policy {unknown[0]!r}; known: {', '.join(P.POLICIES)}")
+    phases = [parse_phase(p, per_phase) for p in phase] or default_phases(per_phase)
+    s = _settings(config, model=model, cache_dir=cache_dir, temperature=0.0)
+    target = load_target(s)
+    args = DriftArgs(phases=phases, policies=policy or list(P.POLICIES), k=lookahead, batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, window=window, live=live, learn=not no_learn,
+                     remeasure_costs=remeasure_costs, costs_file=costs)
+    with Progress(console=err, transient=True) as progress:
+        result = run_drift(args, s, target, load_controller_settings(), progress)
+    print_drift(result, out)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+    if plot_path:
+        plot_drift(result, plot_path, width=max(2, window // 2))
+    if not all(result["identical_outputs"].values()):
+        err.print("[red]a policy changed the greedy output[/]")
+        raise typer.Exit(1)
+
+
 @app.command("train-static")
 def train_static_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output dir (default: <cache>/heads/<model>/eagle3)."),
@@ -257,6 +315,8 @@ def train_static_cmd(
     seed: Optional[int] = typer.Option(None, min=0),
     eval_prompts: int = typer.Option(16, min=0, help="Held-out prompts after the slice for the final tau."),
     eval_k: int = typer.Option(4, min=1),
+    draft_vocab: int = typer.Option(0, min=0, help="Export drafting over this many ids (0 = full vocabulary)."),
+    export_dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 for the exported head."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Start over even if a checkpoint exists."),
     model: Optional[str] = ModelOpt,
     cache_dir: Optional[Path] = CacheOpt,
@@ -279,8 +339,11 @@ def train_static_cmd(
         prompt_offset=offset, prompt_limit=limit, max_new_tokens=max_new_tokens_gen,
         gen_batch_size=gen_batch_size, aux_layers=layers, ttt_steps=ttt_steps, epochs=epochs,
         max_steps=max_steps, batch_seqs=batch_seqs, lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip,
-        save_every=save_every, seed=s.seed, eval_prompts=eval_prompts, eval_k=eval_k, resume=not no_resume,
+        save_every=save_every, seed=s.seed, eval_prompts=eval_prompts, eval_k=eval_k, draft_vocab=draft_vocab,
+        export_dtype=export_dtype, resume=not no_resume,
     )
+    if export_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--export-dtype must be float32, bfloat16 or float16, got {export_dtype!r}")
     path = train_static(args, load_target(s))
     out.print(str(path))
     ev = Path(path).parent / "eval.json"

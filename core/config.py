@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         description="Adaptive drafter: a saved head (safetensors from `adaspec sidecar export`) to start from; "
         "unset starts from scratch (it then predicts little until it has learned).",
     )
+    adaptive_draft_vocab: bool = Field(
+        default=True,
+        description="Adaptive drafter: draft over the static head's reduced vocabulary when it has one "
+        "(each drafted token then reads a fraction of the LM head).",
+    )
     adaptive_collect: int = Field(
         default=0,
         ge=0,

@@ -31,7 +31,7 @@ from torch import Tensor
 from adaspec.core.drafters.base import Draft, DraftRequest, Observation
 from adaspec.core.engine.engine import FixedPolicy, RequestSpec, SpecEngine
 from adaspec.core.engine.sampling import SamplingParams
-from adaspec.core.heads.eagle3 import Eagle3Head, lm_logits
+from adaspec.core.heads.eagle3 import Eagle3Head, lm_logits, restrict_draft_vocab
 from adaspec.core.heads.export_sglang import export_sglang, load_sglang
 
 _STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -69,6 +69,10 @@ class StaticTrainArgs:
     eval_max_new_tokens: int = 64
     resume: bool = True
     show_progress: bool = True
+    #: >0: export/evaluate the head drafting over this many ids (the most frequent in the recorded answers,
+    #: then the lowest ids, which in BPE are the earliest merges); 0 keeps the full vocabulary.
+    draft_vocab: int = 0
+    export_dtype: str = "float32"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -389,11 +393,14 @@ def train_static(args: StaticTrainArgs, target: Any, prompt_ids: Sequence[Sequen
     out = Path(args.out_dir)
     ckpt = out / "checkpoint"
     if args.resume and (ckpt / "trainer.json").is_file():
-        trainer = StaticTrainer.load(ckpt, target, data, args)
+        trainer = StaticTrainer.load(ckpt, target, data, args)  # the checkpoint carries its draft vocabulary
     else:
+        if args.draft_vocab:  # train on the reduced vocabulary too (EAGLE-3's d2t): the target's distribution
+            # renormalised over it, at a fraction of the LM-head cost per position
+            restrict_draft_vocab(head, choose_draft_vocab(data, args.draft_vocab, head.cfg.vocab_size))
         trainer = StaticTrainer(head, data, args)
     trainer.run(ckpt_dir=ckpt)
-    final = export_sglang(trainer.head, out / "final")
+    final = export_sglang(trainer.head, out / "final", dtype=_STORE_DTYPES[args.export_dtype])
     if eval_prompt_ids is None and args.eval_prompts and prompt_ids is None:
         eval_prompt_ids = load_prompt_ids(target, args, args.prompt_offset + args.prompt_limit, args.eval_prompts)
     if eval_prompt_ids:
@@ -401,6 +408,21 @@ def train_static(args: StaticTrainArgs, target: Any, prompt_ids: Sequence[Sequen
                               args.gen_batch_size)
         (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return final
+
+
+def choose_draft_vocab(data: DistillData, size: int, vocab_size: int) -> list[int]:
+    """`size` target ids: those the target emitted most in the recorded answers, then the lowest ids."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for i in range(len(data)):
+        sample = data[i]
+        counts += torch.bincount(sample.tokens[sample.prompt_len :], minlength=vocab_size)
+    seen = [int(t) for t in torch.argsort(counts, descending=True, stable=True) if counts[t] > 0][:size]
+    chosen = set(seen)
+    for t in range(vocab_size):
+        if len(chosen) >= size:
+            break
+        chosen.add(t)
+    return sorted(chosen)
 
 
 def evaluate_tau(target: Any, head: Eagle3Head | Path, prompts: Sequence[Sequence[int]], k: int = 4,

@@ -14,7 +14,7 @@ step used one drafter).
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from adaspec.core.engine.engine import StepRecord
 
@@ -36,6 +36,8 @@ class CostModel:
         prior_weight: float = 2.0,
         draft_alpha: float = 0.1,
         fit_prefill: bool = False,
+        draft_costs: Mapping[str, float] | None = None,
+        frozen: bool = False,
     ) -> None:
         # Work in units of the default step (batch 10, 100 tokens) so the prior has a scale-free meaning.
         self._ys = max(verify_fixed_s + verify_token_s * _TOK_SCALE + verify_request_s * _BATCH_SCALE, 1e-9)
@@ -51,7 +53,9 @@ class CostModel:
         self.default_draft = draft_token_s
         self.draft_alpha = draft_alpha
         self.fit_prefill = fit_prefill
-        self._draft: dict[str, float] = {}
+        self._draft: dict[str, float] = dict(draft_costs or {})
+        #: Frozen: keep the start-up values (benchmarks that must decide identically live and on replay).
+        self.frozen = frozen
         self.steps_seen = 0
         self._refresh()
 
@@ -101,6 +105,8 @@ class CostModel:
     # -- learning -------------------------------------------------------------------------------------------------
     def observe(self, records: Iterable[StepRecord]) -> None:
         """Learn from records; consecutive records with the same `step` form one forward."""
+        if self.frozen:
+            return
         group: list[StepRecord] = []
         for r in records:
             if group and r.step != group[0].step:

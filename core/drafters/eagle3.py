@@ -26,6 +26,30 @@ def default_head_dir(cache_dir: Path | str, model: str) -> Path:
     return Path(cache_dir) / "heads" / Path(model).name / "eagle3"
 
 
+#: Heads shipped in the package, per pinned model name (SGLang EAGLE-3 format + MODEL_CARD.md).
+SHIPPED_HEADS_DIR = Path(__file__).resolve().parent.parent / "heads" / "pretrained"
+
+
+def shipped_head_dir(model: str) -> Path:
+    return SHIPPED_HEADS_DIR / f"{Path(model).name}-eagle3"
+
+
+def resolve_static_head(head_path: Path | str | None, cache_dir: Path | str, model: str) -> Path:
+    """The static head to load: an explicit path, else the shipped head, else the locally trained one."""
+    if head_path is not None:
+        candidates = [Path(head_path)]
+    else:
+        candidates = [shipped_head_dir(model), default_head_dir(cache_dir, model) / "final"]
+    for path in candidates:
+        if (path / "config.json").is_file():
+            return path
+    tried = ", ".join(str(p) for p in candidates)
+    raise FileNotFoundError(
+        f"no static EAGLE-3 head for model {model!r} (looked in {tried}); train one with `adaspec train-static` "
+        "or set ADASPEC_STATIC_HEAD_PATH"
+    )
+
+
 @dataclass
 class _HeadState:
     """One request's head cache: keys/values [Hkv, S, hd] of its S committed pairs, and the next draft root."""

@@ -65,3 +65,43 @@ def _suffix(settings: Settings, target: object) -> Drafter:
         cache_max_tokens=settings.suffix_cache_max_tokens,
         max_tenants=settings.suffix_max_tenants,
     )
+
+
+@register("static", "EAGLE-3-style head over the target's low/mid/high features, trained offline (the floor)")
+def _static(settings: Settings, target: object) -> Drafter:
+    from adaspec.core.drafters.eagle3 import Eagle3Drafter, resolve_static_head
+    from adaspec.core.errors import ModelError
+
+    try:
+        path = resolve_static_head(settings.static_head_path, settings.cache_dir, settings.model)
+    except FileNotFoundError as exc:
+        raise ModelError(str(exc)) from exc
+    return Eagle3Drafter.from_path(path, target)
+
+
+@register("adaptive", "light MLP head over the target's last hidden state, fine-tuned online from traffic")
+def _adaptive(settings: Settings, target: object) -> Drafter:
+    from adaspec.core.drafters.adaptive import AdaptiveDrafter
+    from adaspec.core.errors import ModelError
+    from adaspec.core.heads.adaptive import AdaptiveHead, load_adaptive
+
+    if settings.adaptive_head_path is not None:
+        try:
+            head = load_adaptive(settings.adaptive_head_path, target, lr=settings.adaptive_lr)
+        except (FileNotFoundError, KeyError, RuntimeError) as exc:
+            raise ModelError(f"cannot load adaptive head {settings.adaptive_head_path}: {exc}") from exc
+    else:
+        head = AdaptiveHead.for_target(
+            target, inner_size=settings.adaptive_inner_size, seed=settings.seed, lr=settings.adaptive_lr
+        )
+    if settings.adaptive_draft_vocab:
+        from adaspec.core.drafters.eagle3 import resolve_static_head
+        from adaspec.core.heads.export_sglang import read_draft_vocab
+
+        try:
+            ids = read_draft_vocab(resolve_static_head(settings.static_head_path, settings.cache_dir, settings.model))
+        except FileNotFoundError:
+            ids = None
+        if ids is not None:
+            head.set_draft_vocab(ids)
+    return AdaptiveDrafter(head, collect=settings.adaptive_collect)

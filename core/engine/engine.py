@@ -178,7 +178,7 @@ class SpecEngine:
         states = [self._new_state(i, s, params) for i, s in enumerate(specs)]
         queue = list(states)
         running: list[RequestState] = []
-        kv = BatchKV(self.target.device)
+        kv = self._new_kv()
         with torch.inference_mode():
             while queue or running:
                 for hook in self.between_steps:
@@ -186,7 +186,7 @@ class SpecEngine:
                 free = self.batch_size - len(running)
                 if queue and free > 0:
                     admitted, queue = queue[:free], queue[free:]
-                    new_kv = BatchKV(self.target.device)
+                    new_kv = self._new_kv()
                     for st in admitted:
                         st.started = time.perf_counter()
                         for d in self.drafters.values():
@@ -202,6 +202,10 @@ class SpecEngine:
         return [self._result(st) for st in states]
 
     # -- internals ------------------------------------------------------------------------------------------
+    def _new_kv(self) -> BatchKV:
+        """The batch's KV cache (a trace replay, which runs no model, swaps in a bookkeeping-free one)."""
+        return BatchKV(self.target.device)
+
     def _new_state(self, index: int, spec: RequestSpec, params: SamplingParams) -> RequestState:
         if not spec.prompt:
             raise RequestError("empty prompt")

@@ -92,7 +92,18 @@ class AdaptiveHead(nn.Module):
         nn.init.zeros_(self.down.weight)
         object.__setattr__(self, "embed_weight", embed_weight.detach())
         object.__setattr__(self, "lm_head_weight", lm_head_weight.detach())
+        self.draft_ids: Tensor | None = None
+        self.draft_lm_head: Tensor = self.lm_head_weight
         self._optimizer: torch.optim.Optimizer | None = None
+
+    def set_draft_vocab(self, ids: Tensor | None) -> None:
+        """Draft over a subset of the vocabulary (EAGLE-3's d2t idea): each drafted token then reads only
+        those LM-head rows, the dominant cost of a light head. Training still uses the full vocabulary."""
+        if ids is None:
+            self.draft_ids, self.draft_lm_head = None, self.lm_head_weight
+            return
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.lm_head_weight.device)
+        self.draft_ids, self.draft_lm_head = ids, self.lm_head_weight[ids]
 
     @classmethod
     def for_target(cls, target: Any, inner_size: int = 1024, seed: int = 0, **overrides: Any) -> "AdaptiveHead":
@@ -127,8 +138,8 @@ class AdaptiveHead(nn.Module):
         h, tok = hidden, tokens
         for _ in range(k):
             h = self.step(h, tok)
-            i, p = kernels.draft_topk(h, self.lm_head_weight, 1)
-            tok = i[:, 0]
+            i, p = kernels.draft_topk(h, self.draft_lm_head, 1)
+            tok = i[:, 0] if self.draft_ids is None else self.draft_ids[i[:, 0]]
             ids.append(tok)
             probs.append(p[:, 0])
         return torch.stack(ids, 1), torch.stack(probs, 1)

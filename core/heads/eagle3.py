@@ -15,9 +15,10 @@ are the target's own tensors, held by reference and never registered, so `state_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -318,3 +319,18 @@ def config_fingerprint(cfg: Eagle3Config) -> str:
 
     return hashlib.sha256(json.dumps(cfg.to_json(), sort_keys=True).encode()).hexdigest()[:12]
 
+
+
+def restrict_draft_vocab(head: Eagle3Head, ids: Sequence[int]) -> Eagle3Head:
+    """Let the head draft only over `ids` (SGLang's reduced draft vocabulary, exported as d2t/t2d): argmax over
+    a subset equals the full argmax whenever that lies in it, and each draft step reads len(ids) LM-head rows
+    instead of the whole vocabulary. Training is unaffected (it can use the full vocabulary)."""
+    ids = sorted(set(int(i) for i in ids))
+    if not ids or ids[0] < 0 or ids[-1] >= head.cfg.vocab_size:
+        raise ValueError(f"draft vocabulary must be non-empty ids in [0, {head.cfg.vocab_size})")
+    full = head.lm_head_weight if head.draft_ids is None else None
+    if full is None:
+        raise ValueError("the head already has a reduced vocabulary")
+    head.cfg = dataclasses.replace(head.cfg, draft_vocab=tuple(ids))
+    head.attach(head.embed_weight, full)
+    return head

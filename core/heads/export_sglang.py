@@ -156,3 +156,12 @@ def check_export(path: Path | str) -> list[str]:
         if got[name] != expected[name]:
             problems.append(f"{name}: shape {got[name]} != expected {expected[name]}")
     return problems
+
+
+def read_draft_vocab(path: Path | str) -> list[int] | None:
+    """The reduced draft vocabulary (target ids) of an exported head, or None for the full vocabulary."""
+    with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as f:
+        if "d2t" not in f.keys():
+            return None
+        d2t = f.get_tensor("d2t").long()
+    return (d2t + torch.arange(d2t.shape[0])).tolist()

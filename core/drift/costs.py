@@ -1,0 +1,153 @@
+"""Measured step costs: what one verify forward and one drafted token cost on this machine, for this model.
+
+Measured once at start-up by running the live engine briefly (plain decoding at two batch sizes and each
+drafter at a fixed lookahead), then fitted by least squares: t_verify = a + b * tokens + c * batch, and per
+drafter the seconds per drafted token *including* its per-step upkeep (`observe`, e.g. the static head's
+draft-extend over the kept tokens, which a drafter pays every step whether or not it is chosen). The result
+prices every policy's steps identically (modeled speedup) and seeds the controller's frozen cost model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from adaspec.core.controller.costs import CostModel
+from adaspec.core.drafters.base import Drafter
+from adaspec.core.engine.engine import FixedPolicy, RequestSpec, SpecEngine, StepRecord
+from adaspec.core.engine.sampling import SamplingParams
+
+
+@dataclass
+class StepCosts:
+    """t_step = a + b * tokens + c * batch + sum_i drafted_i * draft[drafter_i] (seconds)."""
+
+    a: float
+    b: float
+    c: float
+    draft: dict[str, float] = field(default_factory=dict)
+    source: str = "measured"
+
+    def verify_time(self, tokens: int, batch: int) -> float:
+        return self.a + self.b * tokens + self.c * batch
+
+    def draft_cost(self, drafter: str | None) -> float:
+        return self.draft.get(drafter, 0.0) if drafter else 0.0
+
+    def record_time(self, rec: StepRecord) -> float:
+        """This request's share of its step: the fixed cost split evenly, the rest its own."""
+        return (self.a / rec.batch_size + self.b * rec.chunk_tokens + self.c
+                + rec.drafted * self.draft_cost(rec.drafter))
+
+    def cost_model(self) -> CostModel:
+        """A frozen controller cost model with these values."""
+        return CostModel(verify_fixed_s=self.a, verify_token_s=self.b, verify_request_s=self.c,
+                         draft_costs=self.draft, frozen=True)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "StepCosts":
+        return cls(float(d["a"]), float(d["b"]), float(d["c"]), {k: float(v) for k, v in d.get("draft", {}).items()},
+                   str(d.get("source", "file")))
+
+
+class _TimedDrafter:
+    """Wraps a drafter to time its per-step upkeep (`observe`), which the engine's draft_s does not include."""
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.hidden_layers = inner.hidden_layers
+        self.observe_s = 0.0
+
+    def start(self, request):
+        self.inner.start(request)
+
+    def finish(self, request):
+        self.inner.finish(request)
+
+    def propose(self, requests, ks):
+        return self.inner.propose(requests, ks)
+
+    def observe(self, observations):
+        t0 = time.perf_counter()
+        self.inner.observe(observations)
+        self.observe_s += time.perf_counter() - t0
+
+
+def _fit_verify(samples: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """Least squares of seconds on (1, tokens, batch), clipped to non-negative coefficients."""
+    X = torch.tensor([[1.0, t, b] for t, b, _ in samples], dtype=torch.float64)
+    y = torch.tensor([s for _, _, s in samples], dtype=torch.float64)
+    coef = torch.linalg.lstsq(X, y.unsqueeze(1)).solution[:, 0].clamp(min=0.0).tolist()
+    if coef[1] <= 0.0:  # degenerate design: fall back to a two-parameter fit on tokens
+        X2 = X[:, :2]
+        coef = torch.linalg.lstsq(X2, y.unsqueeze(1)).solution[:, 0].clamp(min=0.0).tolist() + [0.0]
+    return coef[0], max(coef[1], 1e-9), coef[2]
+
+
+def measure_costs(
+    target: Any, drafters: Mapping[str, Drafter], prompts: Sequence[Sequence[int]], new_tokens: int = 24,
+    k: int = 6,
+) -> StepCosts:
+    """Run the live engine briefly and fit `StepCosts` (decode steps only; prefill is priced the same way)."""
+    params = SamplingParams(max_new_tokens=new_tokens)
+    samples: list[tuple[int, int, float]] = []
+    draft: dict[str, float] = {}
+
+    def verify_samples(records: Sequence[StepRecord]) -> None:
+        by_step: dict[int, list[StepRecord]] = {}
+        for r in records:
+            if not r.prefill:
+                by_step.setdefault(r.step, []).append(r)
+        for recs in by_step.values():
+            samples.append((sum(r.chunk_tokens for r in recs), recs[0].batch_size, recs[0].verify_s))
+
+    warm = SpecEngine(target, {}, batch_size=2)
+    warm.generate([RequestSpec(list(prompts[0]), "warm")], SamplingParams(max_new_tokens=4), FixedPolicy(None, 0))
+    for bs in (1, 4):
+        eng = SpecEngine(target, {}, batch_size=bs)
+        res = eng.generate([RequestSpec(list(p), f"n{bs}-{i}") for i, p in enumerate(prompts[:bs * 2])],
+                           params, FixedPolicy(None, 0))
+        verify_samples([r for g in res for r in g.records])
+    for name, d in drafters.items():
+        if name == "none":
+            continue
+        timed = _TimedDrafter(d)
+        eng = SpecEngine(target, {name: timed}, batch_size=4)
+        for dk in (2, k):
+            timed.observe_s = 0.0
+            res = eng.generate([RequestSpec(list(p), f"{name}-{dk}-{i}") for i, p in enumerate(prompts[:4])],
+                               params, FixedPolicy(name, dk))
+            recs = [r for g in res for r in g.records]
+            verify_samples(recs)
+            if dk != k:
+                continue
+            steps = {r.step: r.draft_s for r in recs if r.drafted}
+            drafted = sum(r.drafted for r in recs)
+            draft[name] = (sum(steps.values()) + timed.observe_s) / max(1, drafted)
+    a, b, c = _fit_verify(samples)
+    return StepCosts(a, b, c, draft, "measured")
+
+
+def load_or_measure(
+    path: Path, target: Any, drafters: Mapping[str, Drafter], prompts: Sequence[Sequence[int]], remeasure: bool
+) -> StepCosts:
+    """Costs cached per machine setup in `path` (JSON); measured when missing, or when asked to."""
+    if path.is_file() and not remeasure:
+        costs = StepCosts.from_json(json.loads(path.read_text()))
+        if all(n in costs.draft for n in drafters if n != "none"):
+            return costs
+    costs = measure_costs(target, drafters, prompts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(costs.to_json(), indent=2) + "\n")
+    tmp.replace(path)
+    return costs

@@ -1,0 +1,108 @@
+"""Runs one policy over the drift stream, replayed on traces or live, and returns per-request outcomes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from adaspec.core.config import Settings
+from adaspec.core.controller.settings import ControllerSettings
+from adaspec.core.drafters.adaptive import AdaptiveDrafter
+from adaspec.core.drafters.registry import make_drafter
+from adaspec.core.drift import policies as P
+from adaspec.core.drift.costs import StepCosts
+from adaspec.core.drift.learner import InProcessLearner
+from adaspec.core.drift.metrics import RequestOutcome, outcome
+from adaspec.core.drift.oracle import TraceOracle, TraceOraclePolicy
+from adaspec.core.drift.replay_engine import TraceEngine
+from adaspec.core.drift.stream import StreamRequest
+from adaspec.core.drift.traces import Trace
+from adaspec.core.engine.engine import RequestSpec, SpecEngine, StepRecord
+from adaspec.core.engine.sampling import SamplingParams
+
+TENANT = "drift"
+
+
+@dataclass
+class PolicyRun:
+    name: str
+    outcomes: list[RequestOutcome]
+    controller_us: float | None = None
+    learner: dict[str, Any] | None = None
+    outputs: list[list[int]] = field(default_factory=list, repr=False)
+    seconds: float = 0.0
+
+
+class _StepClock:
+    """Wall time of each engine step (between_steps -> step listener), shared evenly by its requests."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.per_request: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, records: Sequence[StepRecord]) -> None:
+        share = (time.perf_counter() - self.t0) / max(1, len(records))
+        for r in records:
+            self.per_request[r.request_id] = self.per_request.get(r.request_id, 0.0) + share
+
+
+def run_policy(
+    name: str, stream: Sequence[StreamRequest], prompts: Sequence[Sequence[int]], traces: Sequence[Trace],
+    target: Any, settings: Settings, controller: ControllerSettings, costs: StepCosts, k: int,
+    batch_size: int, max_new_tokens: int, live: bool = False, learn: bool = True,
+    learner_kwargs: dict[str, Any] | None = None,
+) -> PolicyRun:
+    """Fresh drafters (nothing carries over between policies), the stream in order, continuous batching."""
+    t_start = time.perf_counter()
+    names = P.drafters_for(name)
+    learning = learn and P.uses_adaptive(name)
+    s = settings.model_copy(update={"adaptive_collect": 32768 if learning else 0})
+    drafters = {n: make_drafter(n, s, target) for n in names}
+    if live:
+        engine: SpecEngine = SpecEngine(target, drafters, batch_size=batch_size)
+    else:
+        engine = TraceEngine(target, drafters, costs.verify_time, batch_size=batch_size)
+    specs = [RequestSpec(list(p), f"r{req.index}", TENANT) for req, p in zip(stream, prompts)]
+    trace_by_id = {sp.request_id: tr for sp, tr in zip(specs, traces)}
+    if isinstance(engine, TraceEngine):
+        engine.traces = trace_by_id
+    oracle = TraceOracle(drafters, trace_by_id, controller.max_k) if name == "oracle" else None
+    if name == "oracle":
+        from adaspec.core.drift.policies import LEARNED
+
+        policy = TraceOraclePolicy(oracle, drafters=LEARNED, costs=costs.cost_model(), max_k=controller.max_k)
+    else:
+        policy = P.make(name, k, costs, controller)
+    timed = P.TimedPolicy(policy)
+    learner = None
+    if learning:
+        drafter = drafters["adaptive"]
+        assert isinstance(drafter, AdaptiveDrafter)
+        learner = InProcessLearner(drafter, **(learner_kwargs or {}))
+        engine.between_steps.append(learner.between_steps)
+    clock = _StepClock()
+    engine.between_steps.append(clock.start)
+    engine.step_listeners.append(clock)
+    results = engine.generate(specs, SamplingParams(max_new_tokens=max_new_tokens), timed)
+    outs = []
+    for req, res in zip(stream, results):
+        o = outcome(req.index, req.phase, res, costs)
+        if live:
+            o = RequestOutcome(o.index, o.phase, o.tokens, o.forwards, o.modeled_s,
+                               clock.per_request.get(res.request_id, 0.0), o.drafter_tokens)
+        outs.append(o)
+    return PolicyRun(
+        name, outs,
+        controller_us=timed.us_per_request_step if name == "atlas" else None,
+        learner=None if learner is None else {
+            "updates": learner.stats.updates, "published": learner.stats.published,
+            "rejected": learner.stats.rejected, "samples": learner.stats.samples_seen,
+            "versions": learner.stats.versions,
+        },
+        outputs=[r.output_tokens for r in results],
+        seconds=time.perf_counter() - t_start,
+    )

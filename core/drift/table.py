@@ -1,0 +1,55 @@
+"""The drift benchmark's console tables (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_drift(result: dict[str, Any], console: Console) -> None:
+    phases = [p["name"] for p in result["stream"]["phases"]]
+    live = result["mode"] == "live"
+    t = Table(title=f"drift ({result['mode']}): tau per phase [modeled speedup vs none"
+                    + (", wall tok/s" if live else "") + "]")
+    t.add_column("policy")
+    for p in phases:
+        t.add_column(p, justify="right")
+    t.add_column("stream", justify="right")
+    for name, pol in result["policies"].items():
+        cells = []
+        for p in phases:
+            ph = pol["phases"][p]
+            cell = f"{ph['tau']:.2f} [{ph['modeled_speedup'] or 0:.2f}x"
+            cell += f", {ph['wall_tok_s']:.1f}]" if live and ph["wall_tok_s"] else "]"
+            cells.append(cell)
+        cells.append(f"{pol['tau']:.2f} [{pol['modeled_speedup'] or 0:.2f}x]")
+        t.add_row(name, *cells)
+    console.print(t)
+    r = Table(title="recovery: requests until rolling tau is within 10% of the phase plateau")
+    r.add_column("policy")
+    for p in phases:
+        r.add_column(p, justify="right")
+    for name, pol in result["policies"].items():
+        r.add_row(name, *[str(pol["phases"][p]["recovery_requests"]) for p in phases])
+    console.print(r)
+    w = Table(title=f"tau per {result['stream']['window']}-request window")
+    w.add_column("policy")
+    n = max(len(p["windows"]) for p in result["policies"].values())
+    for i in range(n):
+        w.add_column(str(i + 1), justify="right")
+    for name, pol in result["policies"].items():
+        w.add_row(name, *[f"{x:.2f}" for x in pol["windows"]])
+    console.print(w)
+    acc = result.get("acceptance", {})
+    console.print(f"controller decision time: {result['controller_us_per_request_step']:.1f} us per request-step "
+                  f"at batch {result['controller_batch']} (goal <= 50)")
+    for key in ("atlas_vs_static_later_phases", "atlas_vs_static_min_window", "atlas_vs_best_single_min_phase",
+                "atlas_minus_sglang_ema_tau"):
+        if key in acc:
+            console.print(f"{key}: {acc[key]:.3f}")
+    if "pass" in acc:
+        console.print("checks: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in acc["pass"].items()))
+    bad = [k for k, v in result["identical_outputs"].items() if not v]
+    console.print("outputs identical across policies: " + ("yes" if not bad else f"NO ({', '.join(bad)})"))

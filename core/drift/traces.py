@@ -1,0 +1,106 @@
+"""Greedy traces: the target's answer to each prompt plus the hidden states every drafter reads, on disk.
+
+Under greedy decoding the target's output does not depend on what was drafted, so one recording per prompt
+is enough to replay any policy exactly. A trace is keyed by the model's weights fingerprint, the prompt's
+token ids, the generation budget and the recorded layers; it is stored float32 (what the live engine's
+drafters see) as one safetensors file, written atomically, so an interrupted recording loses nothing done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from adaspec.core.engine.engine import FixedPolicy, RequestSpec, SpecEngine
+from adaspec.core.engine.sampling import SamplingParams
+from adaspec.core.train_static import HiddenRecorder, model_fingerprint
+
+TRACE_FORMAT = 1
+
+
+@dataclass
+class Trace:
+    """tokens = prompt + greedy output; hidden[t] = the recorded layers at position t (t < len(tokens) - 1)."""
+
+    tokens: list[int]
+    prompt_len: int
+    hidden: Tensor  # [T-1, L, d] float32
+    layers: tuple[int, ...]
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+def trace_key(fingerprint: str, prompt: Sequence[int], max_new_tokens: int, layers: Sequence[int]) -> str:
+    h = hashlib.sha256(json.dumps({"format": TRACE_FORMAT, "weights": fingerprint, "prompt": list(prompt),
+                                   "max_new_tokens": max_new_tokens, "layers": sorted(layers)}).encode())
+    return h.hexdigest()[:24]
+
+
+class TraceStore:
+    """Traces of one target under `root/<model fingerprint>/`; `ensure` records only what is missing."""
+
+    def __init__(self, root: Path, target: Any) -> None:
+        self.target = target
+        self.fingerprint = model_fingerprint(target)
+        self.dir = Path(root) / self.fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, prompt: Sequence[int], max_new_tokens: int, layers: Sequence[int]) -> Path:
+        return self.dir / f"{trace_key(self.fingerprint, prompt, max_new_tokens, layers)}.safetensors"
+
+    def load(self, prompt: Sequence[int], max_new_tokens: int, layers: Sequence[int]) -> Trace | None:
+        path = self.path(prompt, max_new_tokens, layers)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tokens = f.get_tensor("tokens").tolist()
+            hidden = f.get_tensor("hidden")
+        return Trace(tokens, int(meta["prompt_len"]), hidden, tuple(json.loads(meta["layers"])))
+
+    def ensure(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, layers: Sequence[int],
+        batch_size: int = 8, progress: Any = None,
+    ) -> list[Trace]:
+        """Every prompt's trace, recording the missing ones with the engine's plain (`none`) decoding."""
+        layers = tuple(sorted(set(layers)))
+        missing = [i for i, p in enumerate(prompts) if not self.path(p, max_new_tokens, layers).is_file()]
+        task = progress.add_task("recording greedy traces", total=len(missing)) if progress and missing else None
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        for lo in range(0, len(missing), batch_size * 4):
+            chunk = missing[lo : lo + batch_size * 4]
+            rec = HiddenRecorder(layers, torch.float32)
+            engine = SpecEngine(self.target, [rec], batch_size=batch_size)
+            specs = [RequestSpec(list(prompts[i]), f"t{i}") for i in chunk]
+            engine.generate(specs, params, FixedPolicy(None, 0))
+            for i, spec in zip(chunk, specs):
+                tokens, plen, hidden = rec.done[spec.request_id]
+                self._write(prompts[i], max_new_tokens, layers, tokens, plen, hidden)
+            if task is not None:
+                progress.advance(task, len(chunk))
+        out = []
+        for p in prompts:
+            tr = self.load(p, max_new_tokens, layers)
+            if tr is None:
+                raise RuntimeError("a trace vanished while recording (cache dir shared with a cleaner?)")
+            out.append(tr)
+        return out
+
+    def _write(self, prompt: Sequence[int], max_new_tokens: int, layers: tuple[int, ...], tokens: list[int],
+               prompt_len: int, hidden: Tensor) -> None:
+        path = self.path(prompt, max_new_tokens, layers)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"tokens": torch.tensor(tokens, dtype=torch.int64), "hidden": hidden.contiguous()}, str(tmp),
+                  metadata={"prompt_len": str(prompt_len), "layers": json.dumps(list(layers)),
+                            "max_new_tokens": str(max_new_tokens)})
+        tmp.replace(path)

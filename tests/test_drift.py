@@ -1,0 +1,167 @@
+"""Drift benchmark: stream parsing, trace cache, exact replay (= live engine), metrics, CLI output."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from drafters_for_tests import NoisyOracleDrafter
+from tiny_models import make_tiny_target
+
+from adaspec.core.controller.policy import AtlasPolicy
+from adaspec.core.drafters.suffix import SuffixDrafter
+from adaspec.core.drift.costs import StepCosts, _fit_verify, measure_costs
+from adaspec.core.drift.metrics import RequestOutcome, recovery, tau_of, windows
+from adaspec.core.drift.replay_engine import TraceEngine
+from adaspec.core.drift.stream import build_stream, parse_phase, PhaseSpec
+from adaspec.core.drift.traces import TraceStore
+from adaspec.core.engine.engine import FixedPolicy, RequestSpec, SpecEngine
+from adaspec.core.engine.sampling import SamplingParams
+from adaspec.core.errors import RequestError
+
+VOCAB = 97
+COSTS = StepCosts(a=0.03, b=0.004, c=0.001, draft={"noisy-oracle": 1e-4, "suffix": 2e-5, "static": 3e-3,
+                                                     "adaptive": 2e-3})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_target()
+
+
+def tiny_prompts(n: int, seed: int = 3) -> list[list[int]]:
+    rng = random.Random(seed)
+    # repeated motifs so suffix matching has something to find
+    motifs = [[rng.randrange(3, VOCAB) for _ in range(5)] for _ in range(3)]
+    return [[1] + motifs[i % 3] * 2 + [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 6))] for i in range(n)]
+
+
+# -- stream ------------------------------------------------------------------------------------------------------
+def test_phase_parsing_and_stream_order(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text("".join(json.dumps({"id": f"a{i}", "prompt": f"p{i}"}) + "\n\n" for i in range(6)))
+    assert parse_phase(f"x={f}:2", 9) == PhaseSpec("x", f, 2)
+    assert parse_phase(f"x={f}", 9).count == 9
+    for bad in ("nonsense", f"={f}", "x=", f"x={tmp_path}/missing.jsonl", f"x={f}:0"):
+        with pytest.raises(RequestError):
+            parse_phase(bad, 1)
+    stream = build_stream([PhaseSpec("x", f, 2), PhaseSpec("y", f, 1), PhaseSpec("x", f, 2)])
+    assert [r.prompt for r in stream] == ["p0", "p1", "p2", "p3", "p4"]  # a repeated file continues
+    assert [r.phase for r in stream] == ["x", "x", "y", "x#2", "x#2"]
+    with pytest.raises(RequestError, match="only 6 prompts"):
+        build_stream([PhaseSpec("x", f, 5), PhaseSpec("x", f, 2)])
+
+
+# -- metrics -----------------------------------------------------------------------------------------------------
+def _outs(taus: list[float], phase: str = "p") -> list[RequestOutcome]:
+    return [RequestOutcome(i, phase, int(t * 10), 10, 1.0, 0.0, {}) for i, t in enumerate(taus)]
+
+
+def test_windows_tau_and_recovery():
+    outs = _outs([1, 1, 2, 2, 3])
+    assert windows(outs, 2) == [1.0, 2.0, 3.0]
+    assert tau_of(outs) == pytest.approx(9 / 5)
+    assert recovery(_outs([1, 1, 1, 3, 3, 3, 3, 3]), smooth=1) == 4  # plateau 3: first request >= 2.7
+    assert recovery(_outs([3, 3, 3, 3])) == 1
+    assert recovery(_outs([1, 1, 1, 1, 1, 1, 1, 5]), smooth=1) == 8  # never there before the last
+
+
+def test_verify_fit_recovers_linear_costs():
+    samples = [(t, b, 0.01 + 0.002 * t + 0.0005 * b) for t in (1, 4, 8, 16, 28) for b in (1, 4)]
+    a, b, c = _fit_verify(samples)
+    assert (a, b, c) == pytest.approx((0.01, 0.002, 0.0005), rel=1e-6)
+
+
+def test_measure_costs_on_tiny_model(tiny):
+    costs = measure_costs(tiny, {"suffix": SuffixDrafter()}, tiny_prompts(8), new_tokens=8, k=3)
+    assert costs.a >= 0 and costs.b > 0 and costs.draft["suffix"] > 0
+    assert costs.cost_model().frozen
+
+
+# -- traces and exact replay -------------------------------------------------------------------------------------
+def test_trace_store_records_once_and_matches_plain(tiny, tmp_path):
+    prompts = tiny_prompts(5)
+    store = TraceStore(tmp_path, tiny)
+    traces = store.ensure(prompts, 20, [-1, 1], batch_size=2)
+    files = sorted(store.dir.iterdir())
+    assert len(files) == 5
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = store.ensure(prompts, 20, [1, -1])
+    assert [f.stat().st_mtime_ns for f in sorted(store.dir.iterdir())] == stamps  # nothing re-recorded
+    plain = SpecEngine(tiny, {}, batch_size=1).generate(prompts, SamplingParams(max_new_tokens=20),
+                                                          FixedPolicy(None, 0))
+    for tr, tr2, res in zip(traces, again, plain):
+        assert tr.output == res.output_tokens == tr2.output
+        assert tr.hidden.shape == (len(tr.tokens) - 1, 2, 64) and tr.hidden.dtype == torch.float32
+        assert tr.layers == (-1, 1)
+
+
+def _records(results):
+    return [[(r.drafter, r.k, r.drafted, r.accepted, r.emitted, tuple(r.draft_tokens)) for r in g.records]
+            for g in results]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_replay_equals_live_for_every_step(tiny, tmp_path, batch_size):
+    """Same drafters, same policy, same steps: the trace engine reproduces the live engine record for record."""
+    prompts = tiny_prompts(7)
+    traces = TraceStore(tmp_path, tiny).ensure(prompts, 24, [-1])
+    reference = {tuple(p): tr.output for p, tr in zip(prompts, traces)}
+    params = SamplingParams(max_new_tokens=24)
+
+    def run(engine_cls, **kw):
+        drafters = {"noisy-oracle": NoisyOracleDrafter(reference, VOCAB, seed=5), "suffix": SuffixDrafter()}
+        engine = engine_cls(tiny, drafters, batch_size=batch_size, **kw)
+        if isinstance(engine, TraceEngine):
+            engine.traces = {f"q{i}": tr for i, tr in enumerate(traces)}
+        policy = AtlasPolicy(["noisy-oracle", "suffix"], costs=COSTS.cost_model())
+        specs = [RequestSpec(list(p), f"q{i}") for i, p in enumerate(prompts)]
+        return engine.generate(specs, params, policy)
+
+    live = run(SpecEngine)
+    replay = run(TraceEngine, verify_time=COSTS.verify_time)
+    assert [g.output_tokens for g in replay] == [g.output_tokens for g in live]
+    assert _records(replay) == _records(live)
+    assert sum(r.accepted for g in live for r in g.records) > 0
+
+
+def test_replay_refuses_sampling_and_missing_traces(tiny):
+    engine = TraceEngine(tiny, {}, COSTS.verify_time)
+    with pytest.raises(RequestError, match="greedy"):
+        engine.generate([[1, 5, 6]], SamplingParams(max_new_tokens=4, temperature=0.7), FixedPolicy(None, 0))
+    with pytest.raises(RequestError, match="no trace"):
+        engine.generate([[1, 5, 6]], SamplingParams(max_new_tokens=4), FixedPolicy(None, 0))
+
+
+# -- real model: replay == live with the hidden-state heads and online learning ---------------------------------
+@pytest.mark.model
+def test_real_model_replay_and_live_give_identical_tau(real_runtime, real_settings, data_dir, tmp_path):
+    from adaspec.core.controller.settings import ControllerSettings
+    from adaspec.core.drift.runner import run_policy
+
+    target = real_runtime.target
+    stream = build_stream([PhaseSpec("chat", data_dir / "mt_bench.jsonl", 2),
+                           PhaseSpec("code", data_dir / "code_edit.jsonl", 2)])
+    prompts = [target.encode(r.prompt) for r in stream]
+    traces = TraceStore(tmp_path, target).ensure(prompts, 32, [-1, *real_runtime.drafters["static"].hidden_layers])
+    settings = real_settings.model_copy(update={"cache_dir": real_settings.cache_dir})
+    learner = {"update_tokens": 24, "batch": 32, "steps": 2}
+    for name in ("static", "adaptive", "atlas"):
+        runs = [run_policy(name, stream, prompts, traces, target, settings, ControllerSettings(), COSTS, 4, 2, 32,
+                           live=live, learner_kwargs=learner) for live in (False, True)]
+        replay, live = runs
+        assert replay.outputs == live.outputs == [tr.output for tr in traces], name
+        assert [o.tau for o in replay.outcomes] == [o.tau for o in live.outcomes], name
+        if name != "static":
+            assert replay.learner["updates"] >= 1 and replay.learner == live.learner, name
