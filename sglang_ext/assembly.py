@@ -1,0 +1,89 @@
+"""Build a worker's `AtlasRuntime` from settings and the target model (SGLang-free: the target worker is read
+duck-typed -- `model_runner.model.get_embed_and_head()`), so the wiring is testable on CPU.
+
+The adaptive head starts from the sidecar's head base (the same version-0 weights the sidecar trains from)
+and shares the target's embedding and LM head tensors; without a base file it is left out (logged) and the
+controller runs with the other drafters. With `ADASPEC_SGLANG_SIDECAR` on, logs go out through a
+`BackgroundSender` -> `LogPublisher` and weight updates come in through a `WeightSubscriber` thread into a
+`WeightStager` (validated off the hot path, copied in place at the next batch start).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from adaspec.core.config import Settings
+from adaspec.core.controller import AtlasPolicy, load_controller_settings
+from adaspec.core.drafters.adaptive import AdaptiveDrafter
+from adaspec.core.drafters.registry import make_drafter
+from adaspec.core.errors import ConfigError
+from adaspec.core.heads.adaptive import AdaptiveHead
+from adaspec.sglang_ext.logs import BackgroundSender, VersionedSink
+from adaspec.sglang_ext.metrics import plugin_metrics
+from adaspec.sglang_ext.runtime import STATIC, AtlasRuntime
+from adaspec.sglang_ext.settings import PluginSettings
+
+log = logging.getLogger(__name__)
+
+
+def adaptive_head(base_path: Path, embed: torch.Tensor, lm_head: torch.Tensor) -> AdaptiveHead | None:
+    """The adaptive head at the base's version 0 over the target's own embedding/LM head; None without a base.
+    A base made for another model (other vocab or width) is a ConfigError."""
+    from adaspec.sidecar.base import read_base
+
+    if not base_path.is_file():
+        log.warning("adaspec: no adaptive head base at %s (the sidecar writes it); adaptive drafter off", base_path)
+        return None
+    base = read_base(base_path)
+    cfg = base.config
+    if tuple(embed.shape) != (cfg.vocab_size, cfg.hidden_size) or tuple(lm_head.shape) != tuple(embed.shape):
+        raise ConfigError(f"head base {base_path} is for vocab x hidden {(cfg.vocab_size, cfg.hidden_size)}; "
+                          f"the served model has {tuple(embed.shape)}")
+    head = AdaptiveHead(cfg, embed, lm_head)
+    head.load_state_dict(base.init, strict=True)
+    return head.to(embed.device).eval()
+
+
+def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, device: Any,
+                  registry: CollectorRegistry | None = None, transport: Any = None) -> AtlasRuntime:
+    """Controller, drafters, metrics, and (with the sidecar on) the log sender and weight subscriber."""
+    pm, engine_metrics = plugin_metrics(registry)
+    drafters: dict[str, Any] = {}
+    if "suffix" in settings.drafters:
+        drafters["suffix"] = make_drafter("suffix", Settings(), None)
+    stagers = []
+    if "adaptive" in settings.drafters:
+        embed, head_w = target_worker.model_runner.model.get_embed_and_head()
+        head = adaptive_head(settings.base_path(), embed, head_w)
+        if head is not None:
+            from adaspec.core.weights import WeightStager
+
+            drafters["adaptive"] = AdaptiveDrafter(head, collect=0)
+            stagers.append(WeightStager(head, "adaptive", registry=registry))
+    static = STATIC in settings.drafters
+    cs = load_controller_settings()
+    if cs.max_k > settings.max_steps:
+        cs = load_controller_settings(max_k=settings.max_steps, explore_k=min(cs.explore_k, settings.max_steps))
+    policy = AtlasPolicy(([STATIC] if static else []) + list(drafters), cs)
+    sender = None
+    if settings.sidecar:
+        from adaspec.core.log_publisher import LogPublisher
+        from adaspec.core.transport import Transport
+        from adaspec.core.weights import WeightSubscriber
+
+        transport = transport if transport is not None else Transport()
+        publisher = LogPublisher.from_transport(transport, server_id, feature_sample_rate=1.0, registry=registry)
+        sender = BackgroundSender(VersionedSink(publisher), settings.log_queue,
+                                  on_drop=lambda n: pm.logs_dropped.inc())
+        if stagers:
+            WeightSubscriber(transport, stagers, server_id).start()
+    return AtlasRuntime(
+        policy, drafters, settings.candidate_steps, static=static, stagers=stagers, sender=sender,
+        listeners=[engine_metrics], feature_sample_rate=settings.feature_sample_rate if sender else 0.0,
+        metrics=pm, seed=settings.seed,
+    )

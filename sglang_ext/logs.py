@@ -1,0 +1,112 @@
+"""Acceptance logs leave the scheduler without costing it more than a queue append.
+
+SGLang's scheduler thread runs every step; encoding log entries (pydantic validation, msgpack, hidden-state
+copies to the host) must not sit on it. `BackgroundSender.submit` puts a step's records on a bounded queue
+and returns at once; a daemon thread hands them to the sink (a `LogPublisher`, itself non-blocking towards
+the sidecar). A full queue drops the step, counted; a failing sink is counted and never raises anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundSender:
+    """Bounded queue + one daemon thread between the serving loop and a log sink."""
+
+    def __init__(self, sink: Callable[[Sequence[Any]], Any], maxsize: int = 256,
+                 on_drop: Callable[[int], None] | None = None, name: str = "adaspec-log-sender") -> None:
+        self.sink = sink
+        self.on_drop = on_drop
+        self.dropped_steps = 0
+        self.sent_steps = 0
+        self.errors = 0
+        self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._stop = object()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, records: Sequence[Any]) -> bool:
+        """Queue one step's records; False (and counted) when the queue is full. Never blocks, never raises."""
+        try:
+            self._q.put_nowait(records)
+            return True
+        except queue.Full:
+            self.dropped_steps += 1
+            if self.on_drop is not None:
+                try:
+                    self.on_drop(len(records))
+                except Exception:
+                    pass
+            return False
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is self._stop:
+                    return
+                self.sink(item)
+                self.sent_steps += 1
+            except Exception:
+                self.errors += 1
+                if self.errors == 1 or self.errors % 1000 == 0:
+                    log.exception("adaspec log sender: sink failed (%d so far)", self.errors)
+            finally:
+                self._q.task_done()
+
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far went to the sink (tests, shutdown); False on timeout."""
+        done = threading.Event()
+
+        def _wait() -> None:
+            self._q.join()
+            done.set()
+
+        threading.Thread(target=_wait, daemon=True).start()
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread after what is queued (never blocks longer than `timeout`)."""
+        try:
+            self._q.put(self._stop, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+
+class StepLogs:
+    """One step's records plus the weight version each drafter drafted them with (snapshotted on the serving
+    thread: by the time the sender encodes them a newer version may already be in place)."""
+
+    __slots__ = ("records", "versions")
+
+    def __init__(self, records: Sequence[Any], versions: dict[str, int]) -> None:
+        self.records, self.versions = records, versions
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class VersionedSink:
+    """Sender-thread adapter: feeds a `LogPublisher` with each step's records and its version snapshot."""
+
+    def __init__(self, publisher: Any) -> None:
+        self.publisher = publisher
+        self.versions: dict[str, int] = {}
+        publisher.version_of = self.version_of
+
+    def version_of(self, drafter: str) -> int:
+        return self.versions.get(drafter, 0)
+
+    def __call__(self, item: Any) -> None:
+        if isinstance(item, StepLogs):
+            self.versions = item.versions
+            self.publisher(item.records)
+        else:
+            self.publisher(item)

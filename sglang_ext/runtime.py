@@ -1,0 +1,321 @@
+"""ATLAS inside one SGLang scheduler process, without SGLang: plan, chain drafts, records, logs, weights.
+
+`AtlasRuntime` is what the worker calls at each point of a decode step; it only sees plain request views
+and lists/tensors, so all of its logic runs (and is tested) on CPU with fakes:
+
+1. `begin_batch()` -- first thing of every batch: staged weight updates are copied in place (the adaptive
+   head's `WeightStager`), so a whole step drafts with one complete version and CUDA graphs stay valid.
+2. `plan(rows)` -- drafters learn about new requests and drop departed ones; the controller
+   (`AtlasPolicy`) picks drafter and lookahead per request; the CPU drafters (suffix, adaptive) propose and
+   the controller trims; the batch's step count is the smallest pre-captured one covering the longest chain.
+3. `complete(plan, accept_lens, tokens, verified)` -- after verify, on the CPU copy of the results: one
+   `StepRecord` per request (exactly what was verified), controller feedback, drafter observations, metrics,
+   and the records queued for the sidecar (`BackgroundSender`: never blocks).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from adaspec.core.drafters.base import Draft, Drafter, DraftRequest, Observation
+from adaspec.core.engine.engine import Plan, StepRecord
+from adaspec.sglang_ext.chain import batch_steps
+from adaspec.sglang_ext.logs import StepLogs
+
+STATIC = "static"
+
+
+@dataclass
+class ReqView:
+    """One request as the plugin sees it (token sequences are live references, e.g. SGLang's arrays)."""
+
+    request_id: str
+    tenant: str
+    prompt: Sequence[int]
+    output: Sequence[int]
+    max_new_tokens: int
+
+    def tokens(self) -> list[int]:
+        return list(self.prompt) + list(self.output)
+
+    def draft_request(self) -> DraftRequest:
+        return DraftRequest(self.request_id, self.tokens(), len(self.prompt), self.tenant)
+
+    @property
+    def last_token(self) -> int:
+        return int(self.output[-1]) if len(self.output) else int(self.prompt[-1])
+
+
+class _Spec:
+    __slots__ = ("request_id", "tenant")
+
+    def __init__(self, request_id: str, tenant: str) -> None:
+        self.request_id, self.tenant = request_id, tenant
+
+
+class _PlanRow:
+    """What `AtlasPolicy.plan` reads of an engine `RequestState` (one pending token: the draft root)."""
+
+    __slots__ = ("spec", "max_new_tokens", "output", "pending")
+
+    def __init__(self, row: ReqView) -> None:
+        self.spec = _Spec(row.request_id, row.tenant)
+        self.max_new_tokens = row.max_new_tokens
+        self.output = row.output
+        self.pending = (row.last_token,)
+
+
+@dataclass
+class StepPlan:
+    """One decode step's decisions: per request the drafter verified (None = none) and its chain."""
+
+    step: int
+    rows: list[ReqView]
+    drafters: list[str | None]
+    ks: list[int]
+    #: Chain rows (suffix/adaptive; empty Draft = nothing to verify); None = the row takes EAGLE's draft.
+    chains: list[Draft | None]
+    steps: int
+    draft_s: float
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def uses_static(self) -> bool:
+        """Whether SGLang's EAGLE-3 draft forward has to run this step."""
+        return self.steps > 0 and any(c is None for c in self.chains)
+
+    def chain_tokens(self) -> list[list[int] | None]:
+        return [None if c is None else list(c.tokens) for c in self.chains]
+
+
+class AtlasRuntime:
+    """Controller + CPU drafters + logs + weight swaps for one worker; SGLang-free."""
+
+    def __init__(
+        self,
+        policy: Any,
+        drafters: Mapping[str, Drafter],
+        candidate_steps: Sequence[int],
+        *,
+        static: bool = True,
+        stagers: Sequence[Any] = (),
+        sender: Any = None,
+        listeners: Sequence[Callable[[list[StepRecord]], Any]] = (),
+        adaptive: str | None = "adaptive",
+        feature_sample_rate: float = 0.0,
+        metrics: Any = None,
+        seed: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.policy = policy
+        self.drafters = dict(drafters)
+        self.candidates = sorted(candidate_steps)
+        self.static = static
+        self.stagers = list(stagers)
+        self.sender = sender
+        self.listeners = list(listeners)
+        self.adaptive = adaptive if adaptive in self.drafters else None
+        self.feature_sample_rate = feature_sample_rate
+        self.metrics = metrics  # PluginMetrics (batch steps, skipped EAGLE forwards, goodput) or None
+        self.seed = seed
+        self.clock = clock
+        self.step = 0
+        self.live: dict[str, ReqView] = {}
+        self.swaps: list[tuple[int, float]] = []  # (step before which it happened, pause s)
+        self._prefills: list[tuple[list[ReqView], Tensor | None, Any]] = []
+
+    # -- 1. batch start --------------------------------------------------------------------------------------
+    def begin_batch(self) -> float:
+        """Apply staged weight updates in place (before anything of this batch drafts); total pause in s."""
+        pause = 0.0
+        for s in self.stagers:
+            p = s.apply_if_staged()
+            if p > 0.0:
+                self.swaps.append((self.step, p))
+                pause += p
+        return pause
+
+    # -- 2. plan ------------------------------------------------------------------------------------------------
+    def sync(self, rows: Sequence[ReqView]) -> None:
+        """Start drafters on requests seen for the first time; finish those gone from the batch."""
+        now = {r.request_id: r for r in rows}
+        for rid, gone in list(self.live.items()):
+            if rid not in now:
+                self._finish(gone)
+        for rid, r in now.items():
+            if rid not in self.live:
+                req = r.draft_request()
+                for d in self.drafters.values():
+                    d.start(req)
+        self.live = now
+
+    def finish_all(self) -> None:
+        for r in list(self.live.values()):
+            self._finish(r)
+        self.live = {}
+
+    def _finish(self, row: ReqView) -> None:
+        req = row.draft_request()
+        for d in self.drafters.values():
+            d.finish(req)
+        fin = getattr(self.policy, "finish", None)
+        if fin is not None:
+            fin(row.request_id)
+
+    def prefilled(self, rows: Sequence[ReqView], last_hidden: Tensor | None, next_tokens: Any) -> None:
+        """Requests whose prefill completed: `last_hidden` [n, d] at their last prompt position, `next_tokens`
+        the first generated token of each (a device tensor is fine: it is read at the next `plan`, once the
+        scheduler has synchronised)."""
+        if rows:
+            self._prefills.append((list(rows), last_hidden, next_tokens))
+
+    def _flush_prefills(self) -> None:
+        pending, self._prefills = self._prefills, []
+        for rows, hidden, nxt in pending:
+            nxt = nxt.tolist() if hasattr(nxt, "tolist") else list(nxt)
+            for r in rows:
+                if r.request_id not in self.live:
+                    req = r.draft_request()
+                    for d in self.drafters.values():
+                        d.start(req)
+                    self.live[r.request_id] = r
+            if hidden is not None and self.adaptive is not None:
+                obs = [Observation(r.request_id, list(r.prompt), None, int(nxt[i])) for i, r in enumerate(rows)]
+                self.observe_hidden(obs, hidden)
+
+    def plan(self, rows: Sequence[ReqView]) -> StepPlan:
+        """Decide this decode step: drafter/k per request, the CPU chains, the batch's step count."""
+        rows = list(rows)
+        self._flush_prefills()
+        self.sync(rows)
+        self.step += 1
+        t0 = self.clock()
+        plans: list[Plan] = list(self.policy.plan([_PlanRow(r) for r in rows]))
+        max_steps = self.candidates[-1]
+        names: list[str | None] = [None] * len(rows)
+        ks = [0] * len(rows)
+        chains: list[Draft | None] = [Draft() for _ in rows]
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(plans):
+            k = min(int(p.k), max_steps)
+            if not p.drafter or k <= 0:
+                continue
+            if p.drafter == STATIC and self.static:
+                names[i], ks[i], chains[i] = STATIC, k, None
+            elif p.drafter in self.drafters:
+                names[i], ks[i] = p.drafter, k
+                groups.setdefault(p.drafter, []).append(i)
+        trim = getattr(self.policy, "trim", None)
+        for name, idx in groups.items():
+            reqs = [rows[i].draft_request() for i in idx]
+            proposals = self.drafters[name].propose(reqs, [ks[i] for i in idx])
+            for i, req, d in zip(idx, reqs, proposals):
+                if len(d.tokens) > ks[i]:
+                    d = d.truncated(ks[i])
+                if trim is not None and d.tokens:
+                    n = int(trim(req, name, d))
+                    if n < len(d.tokens):
+                        d = d.truncated(max(0, n))
+                chains[i] = d
+        want = [ks[i] if c is None else len(c.tokens) for i, c in enumerate(chains)]
+        steps = batch_steps(want, self.candidates)
+        if steps == 0:  # no drafting at all this step: SGLang's trivial one-node verify
+            names = [None] * len(rows)
+            chains = [Draft() for _ in rows]
+        elif any(c is None for c in chains):
+            # EAGLE runs for some rows anyway: rows with nothing to verify take its (free) chain too.
+            for i, c in enumerate(chains):
+                if c is not None and not c.tokens:
+                    names[i], chains[i] = STATIC, None
+        plan = StepPlan(self.step, rows, names, ks, chains, steps, self.clock() - t0)
+        if self.metrics is not None:
+            self.metrics.batch_steps.observe(steps)
+            if steps and not plan.uses_static:
+                self.metrics.static_skipped.inc()
+            self.metrics.goodput.set(float(getattr(self.policy, "lam", 0.0)))
+        return plan
+
+    # -- 3. verify complete ---------------------------------------------------------------------------------------
+    def complete(
+        self,
+        plan: StepPlan,
+        accept_lens: Sequence[int],
+        tokens: Sequence[int],
+        verified: Sequence[int],
+        hidden: Tensor | None = None,
+    ) -> list[StepRecord]:
+        """Records of a verified step. `accept_lens[i]` = accepted drafts + 1 (SGLang's), `tokens` the flat
+        [bs * (S+1)] predictions (request i's committed tokens start at i*(S+1)), `verified` the flat verify
+        input (root then the S drafts per request), `hidden` the target's final hidden states [bs*(S+1), d]
+        (optional: the adaptive drafter's input and the sidecar's features)."""
+        S = plan.steps
+        stride = S + 1
+        bs = len(plan.rows)
+        if len(accept_lens) != bs or len(tokens) < bs * stride or len(verified) < bs * stride:
+            raise ValueError(f"verify results do not match the plan ({bs} rows, stride {stride})")
+        verify_s = self.clock() - plan.started
+        records: list[StepRecord] = []
+        obs: list[Observation] = []
+        for i, row in enumerate(plan.rows):
+            a = int(accept_lens[i]) - 1
+            if not 0 <= a <= S:
+                raise ValueError(f"accept length {a + 1} outside [1, {stride}]")
+            base = i * stride
+            name = plan.drafters[i]
+            chain = plan.chains[i]
+            if chain is None:  # EAGLE's chain: topk-1 SGLang exposes no per-token probabilities
+                conf = [1.0] * S
+            else:
+                conf = [float(c) for c in chain.confidence[:S]] + [0.0] * max(0, S - len(chain.confidence))
+            emitted = [int(t) for t in tokens[base : base + a + 1]]
+            rec = StepRecord(
+                step=plan.step, request_id=row.request_id, tenant=row.tenant, drafter=name, k=S, drafted=S,
+                accepted=a, emitted=a + 1, confidence=conf, batch_size=bs, chunk_tokens=stride,
+                draft_s=plan.draft_s, verify_s=verify_s, prefill=False,
+                draft_tokens=[int(t) for t in verified[base + 1 : base + stride]], emitted_tokens=emitted,
+            )
+            if hidden is not None and self._sampled(row.request_id):
+                rec.features = hidden[base : base + a + 1].detach().float().clone()
+            records.append(rec)
+            kept = [int(verified[base])] + emitted[:-1]
+            obs.append(Observation(row.request_id, kept, None, emitted[-1]))
+        self.policy.feedback(records)
+        for name, d in self.drafters.items():
+            if name == self.adaptive:
+                if hidden is not None:
+                    idx = torch.tensor([i * stride + int(accept_lens[i]) - 1 for i in range(bs)],
+                                       device=hidden.device)
+                    self.observe_hidden(obs, hidden.index_select(0, idx))
+            else:
+                d.observe(obs)
+        for listener in self.listeners:
+            listener(records)
+        if self.sender is not None:
+            self.sender.submit(StepLogs(records, {s.drafter: s.version for s in self.stagers}))
+        return records
+
+    def observe_hidden(self, obs: Sequence[Observation], last_hidden: Tensor) -> None:
+        """Hand the adaptive drafter each request's final hidden state at its last committed position
+        (row i of `last_hidden` [n, d]) with the tokens written and the target's next token."""
+        if self.adaptive is None:
+            return
+        self.drafters[self.adaptive].observe(
+            [Observation(o.request_id, o.tokens, last_hidden[i].view(1, 1, -1), o.next_token)
+             for i, o in enumerate(obs)]
+        )
+
+    def _sampled(self, request_id: str) -> bool:
+        """Per-request (not per-step) sampling: the sidecar stitches a request's steps into one stream."""
+        r = self.feature_sample_rate
+        if r >= 1.0:
+            return True
+        if r <= 0.0:
+            return False
+        return random.Random(zlib.crc32(request_id.encode()) ^ self.seed).random() < r
