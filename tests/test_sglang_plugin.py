@@ -1,0 +1,139 @@
+"""The SGLang plugin against the real sglang 0.5.17 (CPU): entry point, ATLAS registration, hooks on the real
+classes, server args, worker class, adaspec series in SGLang's /metrics.
+
+SGLang is imported only in a subprocess (tests/sglang_probe.py) with the .venv/sglang-cpu overlay on
+PYTHONPATH (scripts/install_sglang_cpu.sh, run by setup.sh): it pins transformers 5.12.1 and this venv runs
+5.23. In this process SGLang is not importable, which is what the clear-error tests use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaspec.sglang_ext.version import SGLANG_VERSION, SGLangUnavailable
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERLAY = ROOT / ".venv" / "sglang-cpu"
+needs_overlay = pytest.mark.skipif(
+    not (OVERLAY / "sglang").is_dir(),
+    reason="SGLang 0.5.17 CPU overlay not installed (bash scripts/install_sglang_cpu.sh)",
+)
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("sglang-probe")
+    env = dict(os.environ, PYTHONPATH=str(OVERLAY), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("ADASPEC_SGLANG_CANDIDATE_STEPS", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sglang_probe.py"), str(work)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = work / "probe.json"
+    assert out.is_file(), f"probe crashed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def ok(probe: dict, name: str):
+    r = probe[name]
+    assert r["ok"], f"{name}: {r['error']}\n{r.get('trace', '')}"
+    return r["value"]
+
+
+@needs_overlay
+def test_entry_point_is_discovered(probe):
+    assert "adaspec=adaspec.sglang_ext.plugin:load" in ok(probe, "entry_point")
+
+
+@needs_overlay
+def test_load_plugins_registers_atlas_as_eagle3_family(probe):
+    assert ok(probe, "registered_before_load") is False  # nothing but the entry point registers it
+    assert ok(probe, "load_plugins") is True
+    algo = ok(probe, "algorithm")
+    assert algo["class"] == "AtlasSpecAlgo" and algo["name"] == "ATLAS"
+    assert algo["is_eagle"] and algo["is_eagle3"] and algo["is_speculative"] and algo["need_topk"]
+    # every public method of SGLang's SpeculativeAlgorithm (the scheduler calls e.g. create_future_map on
+    # any algorithm) exists on ATLAS's spec class
+    assert algo["enum_methods"] > 10 and algo["missing_enum_methods"] == []
+
+
+@needs_overlay
+def test_loading_twice_registers_once(probe):
+    assert ok(probe, "load_again_idempotent") == {"hooks_on_logits_forward": 1, "patched": True}
+
+
+@needs_overlay
+def test_hook_points_match_real_sglang(probe):
+    checked = ok(probe, "hook_points")
+    assert "sglang.srt.layers.logits_processor.LogitsProcessor.forward" in checked
+    assert any(t.endswith("SchedulerBatchResultProcessor._resolve_spec_v2_tokens") for t in checked)
+    assert len(checked) >= 15
+
+
+@needs_overlay
+def test_hidden_tap_runs_inside_patched_logits_processor(probe):
+    tap = ok(probe, "tap_through_real_logits_processor")
+    assert tap["wrapped"] and tap["copied"] and tap["rows"] == 6
+
+
+@needs_overlay
+def test_server_args_parse_and_validate(probe):
+    sa = ok(probe, "server_args")
+    assert sa["speculative_algorithm"] == "ATLAS"
+    assert (sa["speculative_num_steps"], sa["speculative_num_draft_tokens"], sa["speculative_eagle_topk"]) == (8, 9, 1)
+    assert sa["disable_overlap_schedule"] is True  # CPU drafters need the committed tokens
+    assert sa["max_running_requests"] == 48 and sa["enable_mixed_chunk"] is False  # SGLang's EAGLE-family rules
+    assert ok(probe, "server_args_lowercase_and_env_steps") == ["ATLAS", 3, 4]
+
+
+@needs_overlay
+def test_server_args_errors_say_how_to_fix(probe):
+    rej = ok(probe, "server_args_rejected")
+    assert "--speculative-eagle-topk must be 1" in rej["topk"]
+    assert "needs --speculative-draft-model-path" in rej["no_draft"] and SGLANG_VERSION in rej["no_draft"]
+    assert "ATLAS replaces it" in rej["adaptive"]
+    assert "ADASPEC_SGLANG_CANDIDATE_STEPS" in rej["steps"]
+
+
+@needs_overlay
+def test_create_worker_returns_atlas_worker_on_eagle_v2(probe):
+    w = ok(probe, "worker_class")
+    assert w["name"] == "adaspec.sglang_ext.worker.AtlasWorkerV2" and w["eagle_v2"]
+    assert w["overrides"] == ["alloc_memory_pool", "forward_batch_generation", "init_cuda_graphs",
+                              "on_verify_complete_cpu"]
+
+
+@needs_overlay
+def test_adaspec_series_on_sglang_metrics_endpoint(probe):
+    lines = ok(probe, "metrics_in_sglang_endpoint")
+    assert "adaspec_sglang_static_draft_skipped_total 1.0" in lines
+    assert 'adaspec_engine_accepted_tokens_total{drafter="suffix"} 2.0' in lines
+    assert any(line.startswith("adaspec_sglang_batch_steps_count") and line.endswith(" 1.0") for line in lines)
+
+
+# -- without SGLang (this process): clear errors naming the version ---------------------------------------------
+
+
+def test_plugin_load_without_sglang_names_the_version():
+    from adaspec.sglang_ext import plugin
+
+    with pytest.raises(SGLangUnavailable, match=f"sglang=={SGLANG_VERSION}.*not installed"):
+        plugin.load()
+
+
+def test_wrong_sglang_version_is_refused(monkeypatch):
+    from adaspec.sglang_ext import version
+
+    monkeypatch.setattr(version.metadata, "version", lambda name: "0.5.9")
+    with pytest.raises(SGLangUnavailable, match=r"sglang==0\.5\.17; found sglang 0\.5\.9"):
+        version.require_sglang()
+
+
+def test_worker_import_without_sglang_names_the_version():
+    sys.modules.pop("adaspec.sglang_ext.worker", None)
+    with pytest.raises(SGLangUnavailable, match=f"sglang=={SGLANG_VERSION}.*EAGLEWorkerV2"):
+        import adaspec.sglang_ext.worker  # noqa: F401
