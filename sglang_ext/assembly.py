@@ -71,6 +71,7 @@ def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, 
         cs = load_controller_settings(max_k=settings.max_steps, explore_k=min(cs.explore_k, settings.max_steps))
     policy = AtlasPolicy(([STATIC] if static else []) + list(drafters), cs)
     sender = None
+    closers: list[Any] = []
     if settings.sidecar:
         from adaspec.core.log_publisher import LogPublisher
         from adaspec.core.transport import Transport
@@ -81,9 +82,12 @@ def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, 
         sender = BackgroundSender(VersionedSink(publisher), settings.log_queue,
                                   on_drop=lambda n: pm.logs_dropped.inc())
         if stagers:
-            WeightSubscriber(transport, stagers, server_id).start()
-    return AtlasRuntime(
+            closers.append(WeightSubscriber(transport, stagers, server_id).start().stop)
+        closers += [sender.close, publisher.close]
+    runtime = AtlasRuntime(
         policy, drafters, settings.candidate_steps, static=static, stagers=stagers, sender=sender,
         listeners=[engine_metrics], feature_sample_rate=settings.feature_sample_rate if sender else 0.0,
         metrics=pm, seed=settings.seed,
     )
+    runtime.closers = closers
+    return runtime

@@ -3,7 +3,9 @@
 SGLang's scheduler thread runs every step; encoding log entries (pydantic validation, msgpack, hidden-state
 copies to the host) must not sit on it. `BackgroundSender.submit` puts a step's records on a bounded queue
 and returns at once; a daemon thread hands them to the sink (a `LogPublisher`, itself non-blocking towards
-the sidecar). A full queue drops the step, counted; a failing sink is counted and never raises anywhere.
+the sidecar) and, when no step arrived for `idle_flush_s`, calls the sink's `flush()` so a partial batch
+leaves even when traffic stops. A full queue drops the step, counted; a failing sink is counted and never
+raises anywhere.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ class BackgroundSender:
     """Bounded queue + one daemon thread between the serving loop and a log sink."""
 
     def __init__(self, sink: Callable[[Sequence[Any]], Any], maxsize: int = 256,
-                 on_drop: Callable[[int], None] | None = None, name: str = "adaspec-log-sender") -> None:
+                 on_drop: Callable[[int], None] | None = None, name: str = "adaspec-log-sender",
+                 idle_flush_s: float = 0.25) -> None:
         self.sink = sink
+        self.idle_flush_s = idle_flush_s
         self.on_drop = on_drop
         self.dropped_steps = 0
         self.sent_steps = 0
@@ -46,8 +50,17 @@ class BackgroundSender:
             return False
 
     def _run(self) -> None:
+        flush = getattr(self.sink, "flush", None)
         while True:
-            item = self._q.get()
+            try:
+                item = self._q.get(timeout=self.idle_flush_s)
+            except queue.Empty:
+                if flush is not None:
+                    try:
+                        flush()
+                    except Exception:
+                        self.errors += 1
+                continue
             try:
                 if item is self._stop:
                     return
@@ -103,6 +116,10 @@ class VersionedSink:
 
     def version_of(self, drafter: str) -> int:
         return self.versions.get(drafter, 0)
+
+    def flush(self) -> None:
+        """Send what the publisher buffered (non-blocking; it never raises)."""
+        self.publisher.flush()
 
     def __call__(self, item: Any) -> None:
         if isinstance(item, StepLogs):

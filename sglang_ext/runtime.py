@@ -130,6 +130,17 @@ class AtlasRuntime:
         self.live: dict[str, ReqView] = {}
         self.swaps: list[tuple[int, float]] = []  # (step before which it happened, pause s)
         self._prefills: list[tuple[list[ReqView], Tensor | None, Any]] = []
+        #: Called by `close()` (weight subscriber stop, log sender/publisher close), in order.
+        self.closers: list[Callable[[], Any]] = []
+
+    def close(self) -> None:
+        """Stop background threads and sockets (scheduler shutdown, tests)."""
+        for fn in self.closers:
+            try:
+                fn()
+            except Exception:
+                pass
+        self.closers = []
 
     # -- 1. batch start --------------------------------------------------------------------------------------
     def begin_batch(self) -> float:
