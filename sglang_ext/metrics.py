@@ -21,8 +21,9 @@ class PluginMetrics:
     """What only the SGLang worker knows: batch step counts, skipped EAGLE forwards, dropped log steps."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.batch_steps = Histogram("adaspec_sglang_batch_steps", "Step count (verify width - 1) of each decode batch.",
-                                     buckets=K_BUCKETS, registry=registry)
+        self.batch_steps = Histogram("adaspec_sglang_batch_steps",
+                                     "Step count (verify width - 1) of each decode batch.", buckets=K_BUCKETS,
+                                     registry=registry)
         self.static_skipped = Counter("adaspec_sglang_static_draft_skipped",
                                       "Decode batches where no request used the EAGLE-3 draft forward.",
                                       registry=registry)

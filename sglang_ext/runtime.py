@@ -15,6 +15,7 @@ and lists/tensors, so all of its logic runs (and is tested) on CPU with fakes:
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import zlib
@@ -30,6 +31,7 @@ from adaspec.sglang_ext.chain import batch_steps
 from adaspec.sglang_ext.logs import StepLogs
 
 STATIC = "static"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -132,6 +134,7 @@ class AtlasRuntime:
         self._prefills: list[tuple[list[ReqView], Tensor | None, Any]] = []
         #: Called by `close()` (weight subscriber stop, log sender/publisher close), in order.
         self.closers: list[Callable[[], Any]] = []
+        self.plan_errors = 0
 
     def close(self) -> None:
         """Stop background threads and sockets (scheduler shutdown, tests)."""
@@ -252,6 +255,21 @@ class AtlasRuntime:
                 self.metrics.static_skipped.inc()
             self.metrics.goodput.set(float(getattr(self.policy, "lam", 0.0)))
         return plan
+
+    def safe_plan(self, rows: Sequence[ReqView]) -> StepPlan:
+        """`plan`, but a failure in the controller or a drafter never stops serving: the step falls back to
+        SGLang's EAGLE-3 chain for every request at the largest step count (or no drafting without it)."""
+        try:
+            return self.plan(rows)
+        except Exception:
+            self.plan_errors += 1
+            if self.plan_errors == 1 or self.plan_errors % 1000 == 0:
+                log.exception("adaspec ATLAS: planning failed (%d so far); EAGLE-3 fallback", self.plan_errors)
+            rows = list(rows)
+            steps = self.candidates[-1] if self.static else 0
+            name = STATIC if steps else None
+            return StepPlan(self.step, rows, [name] * len(rows), [steps] * len(rows),
+                            [None if steps else Draft() for _ in rows], steps, 0.0)
 
     # -- 3. verify complete ---------------------------------------------------------------------------------------
     def complete(

@@ -128,7 +128,7 @@ class AtlasWorkerV2(EAGLEWorkerV2):
                 self._after_prefill(batch, out)
             return out
 
-        plan = self.runtime.plan([req_view(r) for r in batch.reqs])
+        plan = self.runtime.safe_plan([req_view(r) for r in batch.reqs])
         self.step_states.activate(plan.steps)
         if batch.spec_info is None:
             hidden_size, hidden_dtype = get_draft_recurrent_hidden_state_spec(self.draft_worker.draft_runner)

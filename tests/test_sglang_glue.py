@@ -173,6 +173,21 @@ def test_complete_records_exactly_what_was_verified():
                                                                             ("b", [5, 7, 8, 8], 77)]
 
 
+def test_a_failing_drafter_falls_back_to_eagle_and_serving_goes_on():
+    class Broken(FakeDrafter):
+        def propose(self, reqs, ks):
+            raise RuntimeError("drafter bug")
+
+    pol = ScriptedPolicy({"a": Plan("broken", 2), "b": Plan(STATIC, 1)})
+    rt = AtlasRuntime(pol, {"broken": Broken("broken")}, [0, 1, 4])
+    plan = rt.safe_plan([rv("a"), rv("b")])
+    assert plan.drafters == [STATIC, STATIC] and plan.chains == [None, None] and plan.steps == 4
+    assert rt.plan_errors == 1
+    rt.complete(plan, [1, 5], [9, 0, 0, 0, 0, 1, 2, 3, 4, 5], [4, 1, 1, 1, 1, 4, 1, 2, 3, 4])
+    no_static = AtlasRuntime(pol, {"broken": Broken("broken")}, [0, 1, 4], static=False)
+    assert no_static.safe_plan([rv("a")]).steps == 0
+
+
 def test_complete_rejects_results_that_do_not_match_the_plan():
     rt = AtlasRuntime(ScriptedPolicy({"a": Plan(STATIC, 1)}), {}, [0, 1])
     plan = rt.plan([rv("a")])

@@ -82,7 +82,7 @@ def test_orchestration_against_a_fake_server(tmp_path, monkeypatch):
     text = out.read_text()
     assert rc == 0 and "every configuration produced exactly the no-spec outputs" in text
     for c in v.CONFIGS:
-        assert f"| {c} |" in text and f"sglang_server.py --model-path /m" in text
+        assert f"| {c} |" in text and "sglang_server.py --model-path /m" in text
     raw = json.loads(out.with_suffix(".json").read_text())
     by = {r["config"]: r for r in raw["results"]}
     assert by["atlas"]["tau"] == pytest.approx(by["atlas"]["tokens"] / by["atlas"]["verify_ct"])
