@@ -95,12 +95,14 @@ class BackgroundSender:
 
 class StepLogs:
     """One step's records plus the weight version each drafter drafted them with (snapshotted on the serving
-    thread: by the time the sender encodes them a newer version may already be in place)."""
+    thread: by the time the sender encodes them a newer version may already be in place), and, when the
+    records' features are device tensors, the event after which they are computed (the sender thread waits
+    on it before copying them to the host, so the serving thread never synchronises for logs)."""
 
-    __slots__ = ("records", "versions")
+    __slots__ = ("records", "versions", "ready")
 
-    def __init__(self, records: Sequence[Any], versions: dict[str, int]) -> None:
-        self.records, self.versions = records, versions
+    def __init__(self, records: Sequence[Any], versions: dict[str, int], ready: Any = None) -> None:
+        self.records, self.versions, self.ready = records, versions, ready
 
     def __len__(self) -> int:
         return len(self.records)
@@ -123,6 +125,8 @@ class VersionedSink:
 
     def __call__(self, item: Any) -> None:
         if isinstance(item, StepLogs):
+            if item.ready is not None:
+                item.ready.synchronize()
             self.versions = item.versions
             self.publisher(item.records)
         else:

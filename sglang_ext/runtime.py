@@ -311,7 +311,7 @@ class AtlasRuntime:
                 draft_tokens=[int(t) for t in verified[base + 1 : base + stride]], emitted_tokens=emitted,
             )
             if hidden is not None and self._sampled(row.request_id):
-                rec.features = hidden[base : base + a + 1].detach().float().clone()
+                rec.features = hidden[base : base + a + 1].detach().float().clone()  # the buffer is reused
             records.append(rec)
             kept = [int(verified[base])] + emitted[:-1]
             obs.append(Observation(row.request_id, kept, None, emitted[-1]))
@@ -327,7 +327,11 @@ class AtlasRuntime:
         for listener in self.listeners:
             listener(records)
         if self.sender is not None:
-            self.sender.submit(StepLogs(records, {s.drafter: s.version for s in self.stagers}))
+            ready = None
+            if hidden is not None and hidden.is_cuda:  # features are queued device copies: mark when done
+                ready = torch.cuda.Event()
+                ready.record()
+            self.sender.submit(StepLogs(records, {s.drafter: s.version for s in self.stagers}, ready))
         return records
 
     def observe_hidden(self, obs: Sequence[Observation], last_hidden: Tensor) -> None:

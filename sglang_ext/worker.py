@@ -96,9 +96,12 @@ class AtlasWorkerV2(EAGLEWorkerV2):
         max_bs = max((graph.decode.max_bs if graph is not None else 0) or 0,
                      get_schedule().max_running_requests or 0, 1)
         model = self._target_worker.model_runner.model
+        processor = getattr(model, "logits_processor", None)
+        if processor is None:  # the adaptive drafter then never gets a hidden state and never drafts
+            log.warning("adaspec ATLAS: %s has no logits_processor; adaptive drafter idle", type(model).__name__)
+            return
         embed, _ = model.get_embed_and_head()
-        TAP.bind(model.logits_processor, max_bs * (self.settings.max_steps + 1), embed.shape[1], embed.dtype,
-                 embed.device)
+        TAP.bind(processor, max_bs * (self.settings.max_steps + 1), embed.shape[1], embed.dtype, embed.device)
 
     def init_cuda_graphs(self):
         super().init_cuda_graphs()  # draft graphs at the server's (largest) step count

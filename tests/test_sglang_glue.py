@@ -353,7 +353,9 @@ def test_versioned_sink_publishes_each_step_with_its_weight_version():
         r.features = feats
         return r
 
-    sink(StepLogs([rec(1, torch.ones(2, 4))], {"adaptive": 3}))
+    waited = []
+    sink(StepLogs([rec(1, torch.ones(2, 4))], {"adaptive": 3}, SimpleNamespace(synchronize=lambda: waited.append(1))))
+    assert waited == [1]  # device features: the sender waits for them, never the serving thread
     sink(StepLogs([rec(2, None)], {"adaptive": 4}))
     batches = [decode(b, expect=LogBatch) for b in wire]
     assert [b.entries[0].weight_version for b in batches] == [3, 4]
