@@ -229,4 +229,111 @@ def _metrics():
     return [line for line in body.splitlines() if line.startswith("adaspec_") and not line.startswith("#")]
 
 
+
+@check("worker_decode_steps_with_fakes")
+def _worker_steps():
+    """AtlasWorkerV2's own decode path (the code only a GPU runs end to end) over fake SGLang objects: which
+    draft path each plan takes, the chain overlay on EAGLE's verify input, the verify-complete records."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import adaspec.sglang_ext.worker as wm
+    from adaspec.core.drafters.base import Draft
+    from adaspec.core.engine.engine import Plan
+    from adaspec.sglang_ext.runtime import AtlasRuntime
+    from adaspec.sglang_ext.states import StepStates
+
+    calls = []
+    null = lambda *a, **k: contextlib.nullcontext()  # noqa: E731
+    wm.speculative_moe_backend_context = wm.speculative_moe_a2a_backend_context = wm.spec_stage_span = null
+
+    def fake_build(batch, draft_input, parents, scores, draft_tokens, probs, **kw):
+        calls.append(("chain_verify_input", draft_tokens.tolist(), kw["num_steps"]))
+        roots = draft_input.bonus_tokens.view(-1, 1)
+        return SimpleNamespace(draft_token=torch.cat([roots, draft_tokens], 1).flatten(), is_verify_input=lambda: True)
+
+    wm.build_eagle_verify_input = fake_build
+
+    class Policy:
+        script = {}
+        lam = 1.0
+
+        def plan(self, rows):
+            return [self.script.get(r.spec.request_id, Plan(None, 0)) for r in rows]
+
+        def feedback(self, records):
+            calls.append(("feedback", [(r.request_id, r.drafter, r.accepted, r.emitted_tokens) for r in records]))
+
+    class Suffix:
+        def start(self, r): pass
+        def finish(self, r): pass
+        def observe(self, obs): pass
+        def propose(self, reqs, ks): return [Draft([70 + i for i in range(k)], [0.5] * k) for k in ks]
+
+    class DraftWorker:
+        tree_mask_mode = None
+        draft_runner = SimpleNamespace(tp_group=None)
+        _topk1_parents_prealloc = torch.zeros(8, 8, dtype=torch.long)
+        _topk1_score_indices_prealloc = torch.zeros(8, 8, dtype=torch.long)
+
+        def draft_tp_context(self, group):
+            return contextlib.nullcontext()
+
+        def draft(self, batch):  # EAGLE: root then 10, 11, ... per row
+            bs, S = len(batch.reqs), worker.speculative_num_steps
+            rows = torch.arange(10, 10 + S).repeat(bs, 1)
+            calls.append(("eagle_draft", S))
+            return SimpleNamespace(draft_token=torch.cat([batch.spec_info.bonus_tokens.view(-1, 1), rows], 1).flatten(),
+                                   is_verify_input=lambda: True)
+
+        def _draft_extend_for_decode(self, batch, out):
+            calls.append(("draft_extend", len(batch.reqs)))
+
+    policy = Policy()
+    worker = object.__new__(wm.AtlasWorkerV2)
+    worker._draft_worker = DraftWorker()
+    worker._target_worker = SimpleNamespace()
+    worker.device = "cpu"
+    worker.topk = 1
+    worker._pending, worker._glue_errors = None, 0
+    worker.runtime = AtlasRuntime(policy, {"suffix": Suffix()}, [0, 2, 4])
+    applied = []
+
+    def apply(state):
+        applied.append(state)
+        worker.speculative_num_steps = state
+    worker.step_states = StepStates(SimpleNamespace(apply_runtime_state=apply), [0, 2, 4])
+    for st in (0, 2, 4):
+        worker.step_states.states[st] = st
+    worker.step_states.active = worker.speculative_num_steps = 4
+
+    def verify(batch, grammar_barrier=None):  # accepts one draft per request; bonus 99
+        S = worker.speculative_num_steps
+        toks = batch.spec_info.draft_token.view(len(batch.reqs), S + 1)
+        nxt = torch.cat([toks[:, 1:2], torch.full((len(batch.reqs), S), 99)], 1) if S else torch.full((len(batch.reqs), 1), 99)
+        calls.append(("verify", batch.spec_info.draft_token.tolist()))
+        return SimpleNamespace(new_seq_lens=None, next_token_ids=nxt.flatten(), accept_lens=torch.full((len(batch.reqs),), 2 if S else 1))
+
+    worker.verify = verify
+    worker._build_trivial_verify_input = lambda batch: SimpleNamespace(
+        draft_token=batch.spec_info.bonus_tokens.clone(), is_verify_input=lambda: True)
+    mode = SimpleNamespace(is_extend=lambda: False, is_idle=lambda: False)
+
+    def req(rid):
+        return SimpleNamespace(rid=rid, origin_input_ids=[1, 2, 3], output_ids=[5], extra_key=None,
+                               sampling_params=SimpleNamespace(max_new_tokens=64))
+
+    out = {}
+    for name, script in (("mixed", {"a": Plan("static", 3), "b": Plan("suffix", 2)}),
+                         ("chains_only", {"a": Plan("suffix", 1), "b": Plan("suffix", 2)}),
+                         ("none", {})):
+        calls.clear()
+        policy.script = script
+        batch = SimpleNamespace(forward_mode=mode, is_extend_in_batch=False, reqs=[req("a"), req("b")],
+                                spec_info=SimpleNamespace(bonus_tokens=torch.tensor([5, 5])))
+        worker.forward_batch_generation(batch)
+        worker.on_verify_complete_cpu([1, 1] if worker.speculative_num_steps else [0, 0], batch_size=2)
+        out[name] = {"steps": worker.speculative_num_steps, "calls": calls[:], "errors": worker._glue_errors}
+    return out
+
 (WORK / "probe.json").write_text(json.dumps(RESULTS, indent=1, default=str))

@@ -137,3 +137,22 @@ def test_worker_import_without_sglang_names_the_version():
     sys.modules.pop("adaspec.sglang_ext.worker", None)
     with pytest.raises(SGLangUnavailable, match=f"sglang=={SGLANG_VERSION}.*EAGLEWorkerV2"):
         import adaspec.sglang_ext.worker  # noqa: F401
+
+
+@needs_overlay
+def test_worker_decode_path_with_fake_sglang_objects(probe):
+    """AtlasWorkerV2.forward_batch_generation + on_verify_complete_cpu (the code only a GPU runs end to end)."""
+    steps = ok(probe, "worker_decode_steps_with_fakes")
+    mixed = steps["mixed"]
+    # a static row: EAGLE drafts (4 = smallest state covering k=3); the suffix row is written over its row
+    assert mixed["steps"] == 4 and mixed["calls"][0] == ["eagle_draft", 4]
+    assert mixed["calls"][1] == ["verify", [5, 10, 11, 12, 13, 5, 70, 71, 71, 71]]
+    assert mixed["calls"][2] == ["draft_extend", 2]  # SGLang's draft extend still runs: the head's KV stays warm
+    assert mixed["calls"][3] == ["feedback", [["a", "static", 1, [10, 99]], ["b", "suffix", 1, [70, 99]]]]
+    chains = steps["chains_only"]
+    # no static row: no EAGLE forward, the chain verify input is built directly at steps 2
+    assert chains["steps"] == 2 and ["chain_verify_input", [[70, 70], [70, 71]], 2] in chains["calls"]
+    assert not any(c[0] == "eagle_draft" for c in chains["calls"])
+    none = steps["none"]
+    assert none["steps"] == 0 and none["calls"][0] == ["verify", [5, 5]]  # SGLang's trivial one-node verify
+    assert all(s["errors"] == 0 for s in steps.values())
