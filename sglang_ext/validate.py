@@ -51,11 +51,13 @@ def spec_args(config: str, head: str, steps: int = 3) -> list[str]:
 
 def launch_args(config: str, model: str, head: str, port: int, dtype: str = "float32",
                 extra: Sequence[str] = (), launcher: Sequence[str] = (sys.executable, "-m", "sglang.launch_server"),
-                steps: int = 3) -> list[str]:
-    """The full server command line. Common to every configuration: model, dtype, port, no radix cache (so
-    every configuration computes every prompt the same way), metrics on."""
-    return [*launcher, "--model-path", model, "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
-            "--disable-radix-cache", "--enable-metrics", *spec_args(config, head, steps), *extra]
+                steps: int = 3, attention: str = "triton") -> list[str]:
+    """The full server command line. Common to every configuration: model, dtype and attention backend
+    (float32 + triton by default: exact comparisons need float32, which FlashInfer/FA3 do not serve), port,
+    no radix cache (every configuration computes every prompt the same way), metrics on."""
+    return [*launcher, "--model-path", model, "--dtype", dtype, "--attention-backend", attention, "--host",
+            "127.0.0.1", "--port", str(port), "--disable-radix-cache", "--enable-metrics",
+            *spec_args(config, head, steps), *extra]
 
 
 # -- HTTP -------------------------------------------------------------------------------------------------------
@@ -249,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--port", type=int, default=30123)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--attention-backend", default="triton")
     ap.add_argument("--steps", type=int, default=3, help="EAGLE3/NGRAM fixed lookahead")
     ap.add_argument("--start-timeout", type=float, default=900.0)
     ap.add_argument("--launcher", default=None, help="replaces `python -m sglang.launch_server` (tests)")
@@ -271,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = f"http://127.0.0.1:{a.port}"
     results = []
     for c in configs:
-        cmd = launch_args(c, a.model, a.head, a.port, a.dtype, shlex.split(a.extra), launcher, a.steps)
+        cmd = launch_args(c, a.model, a.head, a.port, a.dtype, shlex.split(a.extra), launcher, a.steps,
+                          a.attention_backend)
         print(f"== {c}: {shlex.join(cmd)}", flush=True)
         r = run_config(c, cmd, base, stream, a.max_new_tokens, a.concurrency, a.start_timeout, logs / f"{c}.log")
         print(f"   {'error: ' + r.error if r.error else f'{r.tok_s:.1f} tok/s, tau {r.tau}'}", flush=True)

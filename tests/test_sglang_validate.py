@@ -21,9 +21,10 @@ def test_gpu_validate_script_parses():
 
 
 def test_launch_args_per_configuration():
-    common = ["--model-path", "/m", "--dtype", "float32", "--host", "127.0.0.1", "--port", "9"]
+    common = ["--model-path", "/m", "--dtype", "float32", "--attention-backend", "triton", "--host", "127.0.0.1",
+              "--port", "9"]
     none = v.launch_args("no-spec", "/m", "/h", 9, launcher=["L"])
-    assert none[:1] == ["L"] and none[1:9] == common and "--speculative-algorithm" not in none
+    assert none[:1] == ["L"] and none[1:11] == common and "--speculative-algorithm" not in none
     atlas = v.launch_args("atlas", "/m", "/h", 9, launcher=["L"])
     assert atlas[atlas.index("--speculative-algorithm") + 1] == "ATLAS"
     assert atlas[atlas.index("--speculative-draft-model-path") + 1] == "/h"
