@@ -125,8 +125,9 @@ class OnlineAdaptive:
         return self.stager.version if drafter == self.drafter.name else 0
 
     def _features_of(self, rec: StepRecord) -> torch.Tensor | None:
+        """Layer -1 at the positions that pair with emitted tokens (a prefill's prompt rows are not sent)."""
         f = rec.features
-        return None if f is None else f[:, self._layer]
+        return None if f is None else f[-(rec.accepted + 1):, self._layer]
 
     @staticmethod
     def _release_features(records: list[StepRecord]) -> None:

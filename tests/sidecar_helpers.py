@@ -63,7 +63,9 @@ def engine_with_adaptive(target: Target, inner_size: int = 128, seed: int = 0, c
 
 
 def capture_entries(engine: SpecEngine) -> list[StepEntry]:
-    """Record every step as wire entries with layer -1 features (what OnlineAdaptive sends)."""
+    """Record every step as wire entries with layer -1 features (what OnlineAdaptive sends).
+
+    The listener goes first (before any that release features); `engine.step_listeners.pop(0)` removes it."""
     engine.record_features = True
     layer = engine.hidden_layers.index(-1)
     out: list[StepEntry] = []
@@ -72,7 +74,7 @@ def capture_entries(engine: SpecEngine) -> list[StepEntry]:
         for r in records:
             out.append(entry_from_record(r, features=r.features[:, layer]))
 
-    engine.step_listeners.append(listener)
+    engine.step_listeners.insert(0, listener)
     return out
 
 
