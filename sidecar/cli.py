@@ -159,6 +159,17 @@ def export_cmd(
     out.print(f"v{st['version']} -> {st['path']}")
 
 
+@app.command("settings")
+def settings_cmd() -> None:
+    """Every sidecar knob: env var, default and meaning (transport knobs: ADASPEC_TRANSPORT_*)."""
+    from adaspec.sidecar.settings import sidecar_settings_table
+
+    table = Table("env var", "default", "meaning", title="sidecar settings")
+    for env, default, desc in sidecar_settings_table():
+        table.add_row(env, default, desc)
+    out.print(table)
+
+
 # -- rendering ---------------------------------------------------------------------------------------------------
 
 

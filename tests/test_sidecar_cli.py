@@ -82,6 +82,15 @@ def test_refused_command_and_dead_sidecar_are_one_error_line(running):
         cleanup(nobody)
 
 
+def test_settings_lists_every_knob():
+    from adaspec.sidecar.settings import SidecarSettings
+
+    r = runner.invoke(root_app, ["sidecar", "settings"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0
+    for name in SidecarSettings.model_fields:
+        assert f"ADASPEC_SIDECAR_{name.upper()}" in r.output
+
+
 def test_serve_refuses_tcp_without_curve_keys(tmp_path):
     r = _module("serve", "--state-dir", str(tmp_path), env={"ADASPEC_TRANSPORT_LOGS_ENDPOINT": "tcp://127.0.0.1:5599"})
     assert r.returncode == 2 and "CURVE" in r.stderr and "Traceback" not in r.stderr
