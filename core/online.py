@@ -32,7 +32,7 @@ from adaspec.core.engine.engine import SpecEngine, StepRecord
 from adaspec.core.errors import AdaspecError
 from adaspec.core.heads.adaptive import AdaptiveHead
 from adaspec.core.log_publisher import LogMetrics, LogPublisher
-from adaspec.core.serving_metrics import EngineMetrics
+from adaspec.core.serving_metrics import EngineMetrics, serve_metrics
 from adaspec.core.transport import Transport, TransportError
 from adaspec.core.transport_config import TransportSettings
 from adaspec.core.weights import WeightStager, WeightSubscriber, per_registry
@@ -56,7 +56,10 @@ class OnlineAdaptive:
         registry: CollectorRegistry | None = None,
         resync_s: float | None = None,
         poll_ms: int = 100,
+        metrics_port: int = 0,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
+        """`metrics_port` > 0 serves this registry (engine, log and weight series) on /metrics."""
         if engine.drafters.get(drafter.name) is not drafter:
             raise ValueError(f"drafter {drafter.name!r} is not the engine's drafter of that name")
         if -1 not in engine.hidden_layers:
@@ -78,6 +81,8 @@ class OnlineAdaptive:
         self._hooks: list[tuple[list, Any]] = []
         self._record_features_before = engine.record_features
         self._started = False
+        self._metrics_port, self._metrics_host = metrics_port, metrics_host
+        self.http = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> "OnlineAdaptive":
@@ -88,6 +93,8 @@ class OnlineAdaptive:
             hooks.append(fn)
         e.record_features = True
         self.subscriber.start()
+        if self._metrics_port and self.http is None:
+            self.http = serve_metrics(self.registry, self._metrics_port, self._metrics_host)
         self._started = True
         return self
 
@@ -105,6 +112,10 @@ class OnlineAdaptive:
             self.subscriber.stop()
             self._started = False
         self.publisher.close()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+            self.http = None
         if self._own_transport:
             self.transport.close()
 

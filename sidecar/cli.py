@@ -75,7 +75,12 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_sidecar_settings(state_dir=state_dir, base_path=base, metrics_port=metrics_port)
-    svc = SidecarService(settings, _transport_settings())
+    transport = _transport_settings()
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    svc = SidecarService(settings, transport)
 
     def _stop(signum, _frame) -> None:
         logging.getLogger("adaspec.sidecar").info("signal %d: stopping", signum)

@@ -70,8 +70,6 @@ class SidecarService:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = s = settings
-        if s.threads:
-            torch.set_num_threads(s.threads)
         s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.base = base or load_base(s)
         cfg = self.base.config
@@ -102,6 +100,7 @@ class SidecarService:
         self._seen_rejects: dict[tuple[str, str], int] = {}
         self._seen_gaps: dict[str, int] = {}
         self._last_gauges = 0.0
+        self._labeled_tenants: set[str] = set()
         self._stop = threading.Event()
         self.resume()
 
@@ -198,7 +197,7 @@ class SidecarService:
         update = self._update(version, weights)  # validates shapes/dtypes before anything is written
         self.store.save_version(record, weights)
         self._set_serving(version, weights, record)
-        self.history.append(record)
+        self.history = [*self.history[-1023:], record]
         self.checkpoint()
         assert self.publisher is not None
         self.publisher.publish(update)
@@ -317,8 +316,8 @@ class SidecarService:
         bad = self.serving_version
         new = self.publish(weights, "rollback" if kind == "auto" else "operator-rollback", reason, weights_of=version)
         self.trainer.load_weights(weights)
-        self.rollbacks.append({"time": time.time(), "kind": kind, "from": bad, "to": new, "weights_of": version,
-                               "reason": reason})
+        self.rollbacks = [*self.rollbacks[-1023:], {"time": time.time(), "kind": kind, "from": bad, "to": new,
+                                                    "weights_of": version, "reason": reason}]
         self.metrics.rollbacks.labels(kind).inc()
         self.checkpoint()
         log.warning("rollback (%s): v%d -> v%d (weights of v%d): %s", kind, bad, new, version, reason)
@@ -375,6 +374,9 @@ class SidecarService:
         fill = self.buffer.fill()
         for tenant, n in fill.items():
             m.buffer_samples.labels(tenant).set(n)
+        for tenant in self._labeled_tenants - fill.keys():  # evicted: drop the series, do not leave it stale
+            m.buffer_samples.remove(tenant)
+        self._labeled_tenants = set(fill)
         m.buffer_fill.set(len(self.buffer) / max(1, self.buffer.capacity))
         m.holdout_samples.set(len(self.holdout))
         rec = self.serving_record

@@ -64,8 +64,9 @@ class SidecarSettings(BaseSettings):
         description="Tenant draw weight = size^(1 - balance): 0 = by size, 1 = equal per tenant.",
     )
     holdout_fraction: float = Field(
-        default=0.15, ge=0.0, lt=1.0,
-        description="Share of requests (by id hash) held out from training for the evaluation gate.",
+        default=0.15, gt=0.0, lt=1.0,
+        description="Share of requests (by id hash) held out from training for the evaluation gate (which "
+        "publishes nothing without them).",
     )
     holdout_capacity: int = Field(
         default=2048, ge=16, le=10_000_000, description="Held-out samples kept per tenant (most recent)."
@@ -96,7 +97,7 @@ class SidecarSettings(BaseSettings):
         default=32, ge=1, le=10_000_000, description="Held-out samples needed before the gate decides anything."
     )
     gate_max_samples: int = Field(
-        default=512, ge=1, le=10_000_000, description="Most recent held-out samples replayed per evaluation."
+        default=256, ge=1, le=10_000_000, description="Most recent held-out samples replayed per evaluation."
     )
 
     # -- rollback -----------------------------------------------------------------------------------------------

@@ -287,14 +287,27 @@ def test_pause_stops_training_but_not_ingest(target, root):
         svc.close()
 
 
-def test_metrics_endpoint(target, root):
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_metrics_endpoints(target, root):
+    port, engine_port = _free_port(), _free_port()
     svc = _svc(root, target, metrics_port=port)
+    engine, drafter = engine_with_adaptive(target, inner_size=64)
+    online = OnlineAdaptive(engine, drafter, transport_settings(root), registry=CollectorRegistry(),
+                            metrics_port=engine_port).start()
     try:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert "adaspec_sidecar_published_version 0.0" in body
         assert "adaspec_sidecar_buffer_fill_ratio" in body
+        engine.generate([[1, 5, 6]], SamplingParams(max_new_tokens=8), FixedPolicy("adaptive", 2))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{engine_port}/metrics", timeout=5).read().decode()
+        assert 'adaspec_engine_forwards_total{drafter="adaptive"}' in body
+        assert 'adaspec_log_entries_sent_total{server="server-0"}' in body
+        assert 'adaspec_drafter_weights_version{drafter="adaptive"} 0.0' in body
     finally:
+        online.close()
         svc.close()
