@@ -25,12 +25,12 @@ from adaspec.core.datasets import load_prompts, shared_data_dir
 from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.engine.engine import FixedPolicy, SpecEngine
 from adaspec.core.engine.sampling import SamplingParams
-from adaspec.core.heads.adaptive import AdaptiveHead
+from adaspec.core.heads.adaptive import IGNORE, AdaptiveFeatures, AdaptiveHead
 from adaspec.core.online import OnlineAdaptive, spawn_sidecar
 from adaspec.core.target import load_target
+from adaspec.core.wire import LogBatch
 from adaspec.sidecar.gate import replay_accepted
 from adaspec.sidecar.samples import StreamAssembler
-from adaspec.core.wire import LogBatch
 from sidecar_helpers import capture_entries, cleanup, short_dir, transport_settings
 
 pytestmark = pytest.mark.model
@@ -55,8 +55,6 @@ def _replay_acceptance(head: AdaptiveHead, entries, width: int = K) -> float:
     """Acceptance a k-chain of `head` gets from every root of the logged greedy streams (exact for greedy)."""
     asm = StreamAssembler(head.cfg.hidden_size, head.cfg.vocab_size, width)
     groups = asm.add_batch(LogBatch(server_id="ref", seq=0, entries=entries)) + asm.flush_all()
-    from adaspec.core.heads.adaptive import IGNORE, AdaptiveFeatures
-
     hidden = torch.cat([g.hidden for g in groups])
     tokens = torch.cat([g.tokens for g in groups])
     targets = torch.cat([g.targets for g in groups])

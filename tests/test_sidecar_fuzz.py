@@ -22,8 +22,7 @@ from adaspec.core.online import OnlineAdaptive
 from adaspec.core.transport import bind, topic
 from adaspec.core.transport_config import TransportSettings
 from adaspec.core.wire import (
-    SCHEMA_VERSION, AdminReply, LogBatch, StepEntry, WeightUpdate, decode, encode, named_tensor, tensor_to_blob,
-    weights_checksum,
+    SCHEMA_VERSION, AdminReply, WeightUpdate, decode, encode, named_tensor, tensor_to_blob, weights_checksum,
 )
 from adaspec.sidecar.admin import COMMANDS
 from adaspec.sidecar.base import write_base

@@ -17,7 +17,7 @@ from adaspec.core.heads.adaptive import AdaptiveHead
 from adaspec.core.online import OnlineAdaptive
 from adaspec.core.transport import Transport
 from adaspec.core.wire import LogBatch, StepEntry
-from adaspec.sidecar.base import read_base, write_base
+from adaspec.sidecar.base import write_base
 from adaspec.sidecar.service import SidecarService
 from adaspec.sidecar.settings import SidecarSettings
 from sidecar_helpers import (

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adaspec.core.engine.engine import FixedPolicy
+from adaspec.core.errors import ConfigError
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads.adaptive import IGNORE, AdaptiveFeatures, AdaptiveHead
 from adaspec.core.wire import LogBatch, StepEntry, tensor_to_blob
@@ -21,8 +22,7 @@ from adaspec.sidecar.samples import StreamAssembler
 from adaspec.sidecar.served import ServedStats
 from adaspec.sidecar.settings import SidecarSettings, load_sidecar_settings
 from adaspec.sidecar.trainer import Trainer
-from adaspec.core.errors import ConfigError
-from sidecar_helpers import VOCAB, capture_entries, chaotic_target, engine_with_adaptive, templates
+from sidecar_helpers import VOCAB, capture_entries, chaotic_target, engine_with_adaptive
 
 W = 3
 
