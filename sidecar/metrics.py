@@ -47,3 +47,5 @@ class SidecarMetrics:
         self.holdout_samples = Gauge("adaspec_sidecar_holdout_samples", "Held-out samples buffered.", registry=r)
         self.paused = Gauge("adaspec_sidecar_paused", "1 while training/publishing is paused.", registry=r)
         self.checkpoints = Counter("adaspec_sidecar_checkpoints", "Checkpoints written.", registry=r)
+        self.loop_errors = Counter("adaspec_sidecar_loop_errors",
+                                   "Service loop turns that failed (e.g. disk errors); the loop goes on.", registry=r)

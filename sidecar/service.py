@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
 from torch import Tensor
 
+from adaspec.core.errors import ConfigError
 from adaspec.core.transport import Transport, WeightPublisher
 from adaspec.core.transport_config import TransportSettings
 from adaspec.core.weights import per_registry
@@ -59,6 +62,17 @@ def load_base(settings: SidecarSettings) -> HeadBase:
     return read_base(path)
 
 
+def _lock_state_dir(state_dir: Path):
+    """An exclusive lock on <state_dir>/.lock for this process's lifetime: two sidecars never share state."""
+    f = open(state_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ConfigError(f"another sidecar is running on {state_dir} (it holds {state_dir / '.lock'})") from None
+    return f
+
+
 class SidecarService:
     """Everything one sidecar process does; `run()` loops until `stop()`, `run_once()` is one turn."""
 
@@ -71,6 +85,14 @@ class SidecarService:
     ) -> None:
         self.settings = s = settings
         s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_file = _lock_state_dir(s.state_dir)
+        try:
+            self._init(s, transport, base, registry)
+        except BaseException:
+            self._lock_file.close()
+            raise
+
+    def _init(self, s: SidecarSettings, transport, base: HeadBase | None, registry) -> None:
         self.base = base or load_base(s)
         cfg = self.base.config
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -212,7 +234,12 @@ class SidecarService:
         """Serve until `stop()`; takes a final checkpoint if anything was learned since the last one."""
         try:
             while not self._stop.is_set():
-                self.run_once()
+                try:
+                    self.run_once()
+                except Exception:  # e.g. a full disk: log, count, back off, keep serving the sync path
+                    log.exception("sidecar loop turn failed; continuing")
+                    self.metrics.loop_errors.inc()
+                    self._stop.wait(1.0)
         finally:
             if self.trainer.updates != self._updates_at_ckpt:
                 try:
@@ -404,5 +431,6 @@ class SidecarService:
         if getattr(self, "http", None) is not None:
             self.http.shutdown()
             self.http.server_close()
-        if self._own_transport:
+        if getattr(self, "_own_transport", False):
             self.transport.close()
+        self._lock_file.close()  # releases the state dir

@@ -311,3 +311,28 @@ def test_metrics_endpoints(target, root):
     finally:
         online.close()
         svc.close()
+
+
+def test_one_sidecar_per_state_dir_and_a_failing_turn_does_not_stop_the_loop(target, root):
+    from adaspec.core.errors import ConfigError
+
+    svc = _svc(root, target)
+    try:
+        with pytest.raises(ConfigError, match="another sidecar"):
+            SidecarService(_settings(root), transport_settings(root))
+        calls = []
+
+        def broken() -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise OSError("disk full")
+            svc.stop()
+
+        svc.run_once = broken  # type: ignore[method-assign]
+        svc.run()  # returns after the second turn: the first one's error was logged and counted
+        assert len(calls) == 2
+        assert svc.registry.get_sample_value("adaspec_sidecar_loop_errors_total") == 1.0
+    finally:
+        svc.close()
+    again = _svc(root, target)  # the lock went with the first one
+    again.close()
