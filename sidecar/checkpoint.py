@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from adaspec.core.errors import AdaspecError
 from adaspec.core.wire import named_tensor, weights_checksum
 
 FORMAT = "adaspec-sidecar-checkpoint/1"
@@ -32,7 +33,7 @@ _VERSION_RE = re.compile(r"^v(\d{10})\.safetensors$")
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(AdaspecError):
     """A stored file is missing, damaged or from another base."""
 
 

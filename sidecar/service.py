@@ -161,16 +161,18 @@ class SidecarService:
         newest = max(stored, default=0)
         if state is not None and state.serving_version > newest:
             log.warning("checkpoint says v%d serves but only v%d is stored", state.serving_version, newest)
-        if newest > 0:
+        for version in sorted(stored, reverse=True):  # the newest version file that verifies
             try:
-                weights, record = self.store.load_version(newest)
+                weights, record = self.store.load_version(version)
             except CheckpointError as exc:
-                raise CheckpointError(f"cannot resume the serving version: {exc}") from None
-            self._set_serving(newest, weights, record)
+                log.error("skipping damaged version file: %s", exc)
+                continue
+            self._set_serving(version, weights, record)
             if state is None:  # versions but no checkpoint: train on from what serves
                 self.trainer.load_weights(weights)
-            if not any(r.version == newest for r in self.history):
+            if not any(r.version == version for r in self.history):
                 self.history.append(record)
+            break
         log.info("resumed: serving v%d, %d updates (%s)", self.serving_version, self.trainer.updates,
                  self.last_checkpoint or "no checkpoint")
 

@@ -336,3 +336,23 @@ def test_one_sidecar_per_state_dir_and_a_failing_turn_does_not_stop_the_loop(tar
         svc.close()
     again = _svc(root, target)  # the lock went with the first one
     again.close()
+
+
+def test_resume_skips_a_damaged_version_file_and_never_reuses_its_number(target, root):
+    svc = _svc(root, target)
+    w = svc.weights_of(0)
+    svc.publish({k: v + 1 for k, v in w.items()}, "gate")
+    svc.publish({k: v + 2 for k, v in w.items()}, "gate")
+    svc.close()
+    path = svc.store.version_path(2)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    again = _svc(root, target)
+    try:
+        assert again.serving_version == 1
+        for k, v in again._serving_weights().items():
+            assert torch.equal(v, w[k] + 1)
+        assert again.publish(w, "gate") == 3
+    finally:
+        again.close()
