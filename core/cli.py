@@ -250,7 +250,9 @@ def bench_drift_cmd(
     lookahead: int = typer.Option(6, "--lookahead", "-k", min=1, help="k of the fixed-k baselines."),
     window: int = typer.Option(16, min=1, help="Requests per tau window."),
     no_learn: bool = typer.Option(False, "--no-learn", help="Turn the adaptive drafter's online learning off."),
-    costs: Optional[Path] = typer.Option(None, "--costs", help="Step costs JSON instead of measuring them."),
+    costs: str = typer.Option(
+        "measured", "--costs", help="Step costs: 'measured' (on this machine, cached), a profile "
+        "('gpu-small-model': assumed GPU regime), or a JSON file {a, b, c, draft: {name: s/token}}."),
     remeasure_costs: bool = typer.Option(False, help="Measure step costs again even if cached."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write everything as JSON here."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the rolling-tau plot (PNG) here."),
@@ -280,7 +282,7 @@ def bench_drift_cmd(
     target = load_target(s)
     args = DriftArgs(phases=phases, policies=policy or list(P.POLICIES), k=lookahead, batch_size=batch_size,
                      max_new_tokens=max_new_tokens, window=window, live=live, learn=not no_learn,
-                     remeasure_costs=remeasure_costs, costs_file=costs)
+                     remeasure_costs=remeasure_costs, costs=costs)
     with Progress(console=err, transient=True) as progress:
         result = run_drift(args, s, target, load_controller_settings(), progress)
     print_drift(result, out)
@@ -292,6 +294,51 @@ def bench_drift_cmd(
     if not all(result["identical_outputs"].values()):
         err.print("[red]a policy changed the greedy output[/]")
         raise typer.Exit(1)
+
+
+@bench_app.command("tau")
+def bench_tau_cmd(
+    dataset: list[str] = typer.Option(
+        ["mt_bench", "humaneval", "gsm8k", "code_edit"], "--dataset", "-d",
+        help="Dataset names in the shared data dir (or NAME=PATH.jsonl)."),
+    drafter: list[str] = typer.Option(["static", "suffix", "prompt-lookup", "adaptive"], "--drafter"),
+    limit: int = typer.Option(80, min=1, help="Prompts per dataset (the first N)."),
+    lookahead: int = typer.Option(6, "--lookahead", "-k", min=1),
+    max_new_tokens: int = typer.Option(128, min=1),
+    batch_size: int = typer.Option(4, min=1),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the cells as JSON here."),
+    model: Optional[str] = ModelOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """tau (tokens per target forward) of each drafter per dataset, replayed exactly on cached greedy traces."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from adaspec.core.datasets import shared_data_dir
+    from adaspec.core.drafters.registry import require_known
+    from adaspec.core.drift.tau_table import tau_table
+    from adaspec.core.target import load_target
+
+    require_known(drafter)
+    paths: dict[str, Path] = {}
+    for d in dataset:
+        name, _, path = d.partition("=")
+        paths[name] = Path(path) if path else shared_data_dir() / f"{name}.jsonl"
+    s = _settings(config, model=model, cache_dir=cache_dir, temperature=0.0)
+    target = load_target(s)
+    with Progress(console=err, transient=True) as progress:
+        cells = tau_table(s, target, paths, limit, drafter, lookahead, max_new_tokens, batch_size, progress)
+    t = Table(title=f"tau per dataset (greedy, k={lookahead}, {max_new_tokens} new tokens, first {limit} prompts; "
+                    "acceptance in brackets)")
+    t.add_column("drafter")
+    for name in paths:
+        t.add_column(name, justify="right")
+    for d in drafter:
+        t.add_row(d, *[f"{c.tau:.2f} [{c.acceptance:.2f}]" for c in cells if c.drafter == d])
+    out.print(t)
+    if json_path:
+        json_path.write_text(json.dumps([{**c.__dict__, "tau": c.tau} for c in cells], indent=1) + "\n")
 
 
 @app.command("train-static")

@@ -35,7 +35,9 @@ def replay_accepted(head: AdaptiveHead, features: AdaptiveFeatures, targets: Ten
         if alive.numel() == 0:
             break
         g = head.step(h, tok)
-        ids = kernels.draft_topk(g, head.lm_head_weight, 1)[0][:, 0]
+        ids = kernels.draft_topk(g, head.draft_lm_head, 1)[0][:, 0]  # the vocabulary it drafts over when served
+        if head.draft_ids is not None:
+            ids = head.draft_ids[ids]
         want = tgt[alive, j]
         ok = (ids == want) & (want != IGNORE)
         accepted[alive[ok]] += 1

@@ -156,7 +156,8 @@ def test_real_model_replay_and_live_give_identical_tau(real_runtime, real_settin
     prompts = [target.encode(r.prompt) for r in stream]
     traces = TraceStore(tmp_path, target).ensure(prompts, 32, [-1, *real_runtime.drafters["static"].hidden_layers])
     settings = real_settings.model_copy(update={"cache_dir": real_settings.cache_dir})
-    learner = {"update_tokens": 24, "batch": 32, "steps": 2}
+    learner = {"batch_size": 16, "min_samples": 8, "replay_ratio": 2.0, "gate_every": 2, "gate_min_samples": 4,
+               "holdout_fraction": 0.5}
     for name in ("static", "adaptive", "atlas"):
         runs = [run_policy(name, stream, prompts, traces, target, settings, ControllerSettings(), COSTS, 4, 2, 32,
                            live=live, learner_kwargs=learner) for live in (False, True)]

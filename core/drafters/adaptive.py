@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +42,9 @@ class AdaptiveDrafter:
         self.collect, self.unroll = collect, unroll
         self.experience: deque[tuple[AdaptiveFeatures, Tensor]] = deque()
         self._buffered = 0
+        #: If set, each finished request's samples go here (request id, features, targets) instead of the
+        #: buffer: an in-process trainer (the drift benchmark) takes them as they come.
+        self.on_experience: Callable[[str, AdaptiveFeatures, Tensor], None] | None = None
 
 
     def start(self, request: DraftRequest) -> None:
@@ -86,6 +89,9 @@ class AdaptiveDrafter:
         hidden = torch.cat(st.rows)
         feats, targets = features_from_stream(hidden, st.tokens + [st.next_token], self.unroll)
         if len(feats) == 0:
+            return
+        if self.on_experience is not None:
+            self.on_experience(request.request_id, feats, targets)
             return
         self.experience.append((feats, targets))
         self._buffered += len(feats)

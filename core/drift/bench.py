@@ -27,11 +27,11 @@ from adaspec.core.config import Settings
 from adaspec.core.controller.settings import ControllerSettings
 from adaspec.core.drafters.registry import make_drafter
 from adaspec.core.drift import policies as P
-from adaspec.core.drift.costs import StepCosts, load_or_measure
+from adaspec.core.drift.costs import StepCosts, load_or_measure, resolve_costs
 from adaspec.core.drift.metrics import summarize
 from adaspec.core.drift.runner import PolicyRun, run_policy
 from adaspec.core.drift.stream import PhaseSpec, build_stream, phase_labels
-from adaspec.core.drift.traces import TraceStore
+from adaspec.core.drift.traces import TraceStore, trace_layers
 from adaspec.core.target import Target
 
 WINDOW = 16
@@ -48,7 +48,7 @@ class DriftArgs:
     live: bool = False
     learn: bool = True
     remeasure_costs: bool = False
-    costs_file: Path | None = None
+    costs: str | None = None  # "measured" (default), a profile name, or a JSON file
     learner: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,18 +58,14 @@ def run_drift(args: DriftArgs, settings: Settings, target: Target, controller: C
     labels = phase_labels(args.phases)
     chat = settings.chat_template
     prompts = [target.encode(r.prompt, chat=chat) for r in stream]
-    layers: set[int] = set()
     needed = sorted({d for p in args.policies for d in P.drafters_for(p)})
     probe = {n: make_drafter(n, settings, target) for n in needed}
-    for d in probe.values():
-        layers.update(d.hidden_layers)
     store = TraceStore(settings.cache_dir / "traces", target)
     t0 = time.perf_counter()
-    traces = store.ensure(prompts, args.max_new_tokens, sorted(layers), progress=progress)
+    traces = store.ensure(prompts, args.max_new_tokens, trace_layers(settings, target), progress=progress)
     record_s = time.perf_counter() - t0
-    if args.costs_file is not None:
-        costs = StepCosts.from_json(json.loads(Path(args.costs_file).read_text()))
-    else:
+    costs = resolve_costs(args.costs)
+    if costs is None:
         cpath = settings.cache_dir / "drift" / f"costs-{store.fingerprint}-{torch.get_num_threads()}t.json"
         costs = load_or_measure(cpath, target, probe, prompts[:8], args.remeasure_costs)
     runs: dict[str, PolicyRun] = {}

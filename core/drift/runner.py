@@ -12,7 +12,6 @@ from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.drafters.registry import make_drafter
 from adaspec.core.drift import policies as P
 from adaspec.core.drift.costs import StepCosts
-from adaspec.core.drift.learner import InProcessLearner
 from adaspec.core.drift.metrics import RequestOutcome, outcome
 from adaspec.core.drift.oracle import TraceOracle, TraceOraclePolicy
 from adaspec.core.drift.replay_engine import TraceEngine
@@ -22,6 +21,9 @@ from adaspec.core.engine.engine import RequestSpec, SpecEngine, StepRecord
 from adaspec.core.engine.sampling import SamplingParams
 
 TENANT = "drift"
+#: Samples trained per sample received in the benchmark's in-process sidecar (the service default is 8; a
+#: sidecar is a separate process with its own cores, here it shares the benchmark's, so it trains less).
+LEARN_REPLAY_RATIO = 2.0
 
 
 @dataclass
@@ -80,9 +82,13 @@ def run_policy(
     timed = P.TimedPolicy(policy)
     learner = None
     if learning:
+        from adaspec.sidecar.inprocess import InProcessSidecar  # the sidecar's own pipeline, run in-process
+        from adaspec.sidecar.settings import SidecarSettings
+
         drafter = drafters["adaptive"]
         assert isinstance(drafter, AdaptiveDrafter)
-        learner = InProcessLearner(drafter, **(learner_kwargs or {}))
+        knobs = {"replay_ratio": LEARN_REPLAY_RATIO, **(learner_kwargs or {})}
+        learner = InProcessSidecar(drafter, SidecarSettings(**knobs))
         engine.between_steps.append(learner.between_steps)
     clock = _StepClock()
     engine.between_steps.append(clock.start)
@@ -99,8 +105,8 @@ def run_policy(
         name, outs,
         controller_us=timed.us_per_request_step if name == "atlas" else None,
         learner=None if learner is None else {
-            "updates": learner.stats.updates, "published": learner.stats.published,
-            "rejected": learner.stats.rejected, "samples": learner.stats.samples_seen,
+            "updates": learner.stats.updates, "gates": learner.stats.gates, "published": len(learner.stats.versions),
+            "samples": learner.stats.samples, "heldout_samples": learner.stats.heldout_samples,
             "versions": learner.stats.versions,
         },
         outputs=[r.output_tokens for r in results],

@@ -40,6 +40,16 @@ class Trace:
         return self.tokens[self.prompt_len :]
 
 
+def trace_layers(settings: Any, target: Any) -> list[int]:
+    """The layers every trace records: what the static and the adaptive heads read (one trace serves all)."""
+    from adaspec.core.drafters.registry import make_drafter
+
+    layers: set[int] = set()
+    for name in ("static", "adaptive"):
+        layers.update(make_drafter(name, settings, target).hidden_layers)
+    return sorted(layers)
+
+
 def trace_key(fingerprint: str, prompt: Sequence[int], max_new_tokens: int, layers: Sequence[int]) -> str:
     h = hashlib.sha256(json.dumps({"format": TRACE_FORMAT, "weights": fingerprint, "prompt": list(prompt),
                                    "max_new_tokens": max_new_tokens, "layers": sorted(layers)}).encode())
@@ -74,6 +84,8 @@ class TraceStore:
     ) -> list[Trace]:
         """Every prompt's trace, recording the missing ones with the engine's plain (`none`) decoding."""
         layers = tuple(sorted(set(layers)))
+        if not layers:
+            raise ValueError("a trace records at least one layer")
         missing = [i for i, p in enumerate(prompts) if not self.path(p, max_new_tokens, layers).is_file()]
         task = progress.add_task("recording greedy traces", total=len(missing)) if progress and missing else None
         params = SamplingParams(max_new_tokens=max_new_tokens)
