@@ -244,6 +244,8 @@ def bench_drift_cmd(
     per_phase: int = typer.Option(32, min=1, help="Requests per default phase (and N when a --phase omits it)."),
     quick: bool = typer.Option(False, "--quick", help="Small stream (8 per phase, 48 tokens): a few minutes."),
     live: bool = typer.Option(False, "--live", help="Run the reference engine end to end instead of replaying."),
+    sidecar: bool = typer.Option(False, "--sidecar", help="With --live: learn in a real sidecar process over "
+                                 "sockets (logs out, weights swapped in between steps) instead of in-process."),
     policy: list[str] = typer.Option([], "--policy", help="Policies to run (default: all)."),
     max_new_tokens: int = typer.Option(128, min=1),
     batch_size: int = typer.Option(4, min=1),
@@ -277,12 +279,14 @@ def bench_drift_cmd(
     unknown = [p for p in policy if p not in P.POLICIES]
     if unknown:
         raise RequestError(f"unknown policy {unknown[0]!r}; known: {', '.join(P.POLICIES)}")
+    if sidecar and not live:
+        raise RequestError("--sidecar needs --live (a replay has no server to swap weights into)")
     phases = [parse_phase(p, per_phase) for p in phase] or default_phases(per_phase)
     s = _settings(config, model=model, cache_dir=cache_dir, temperature=0.0)
     target = load_target(s)
     args = DriftArgs(phases=phases, policies=policy or list(P.POLICIES), k=lookahead, batch_size=batch_size,
                      max_new_tokens=max_new_tokens, window=window, live=live, learn=not no_learn,
-                     remeasure_costs=remeasure_costs, costs=costs)
+                     remeasure_costs=remeasure_costs, costs=costs, sidecar=sidecar)
     with Progress(console=err, transient=True) as progress:
         result = run_drift(args, s, target, load_controller_settings(), progress)
     print_drift(result, out)

@@ -166,3 +166,34 @@ def test_real_model_replay_and_live_give_identical_tau(real_runtime, real_settin
         assert [o.tau for o in replay.outcomes] == [o.tau for o in live.outcomes], name
         if name != "static":
             assert replay.learner["updates"] >= 1 and replay.learner == live.learner, name
+
+
+@pytest.mark.model
+def test_cli_drift_json_plot_and_live_sidecar(data_dir, tmp_path):
+    """The CLI end to end on a tiny stream: replay with every policy (JSON keys, PNG), then live with a real
+    sidecar process (its JSON block); outputs identical across policies (exit 0)."""
+    import subprocess
+    import sys
+
+    phases = ["--phase", f"chat={data_dir / 'mt_bench.jsonl'}:2", "--phase", f"code={data_dir / 'code_edit.jsonl'}:2"]
+    common = [sys.executable, "-m", "adaspec.core.cli", "bench", "drift", *phases, "--max-new-tokens", "16",
+              "--window", "2", "--costs", "gpu-small-model"]
+    out, png = tmp_path / "d.json", tmp_path / "d.png"
+    r = subprocess.run([*common, "--json", str(out), "--plot", str(png)], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert set(d["policies"]) == {"none", "static", "suffix", "adaptive", "sglang-ema", "atlas", "oracle"}
+    for pol in d["policies"].values():
+        assert set(pol["phases"]) == {"chat", "code"} and len(pol["windows"]) == 2 and pol["tau"] >= 1.0
+        assert all(p["tau"] >= 1.0 for p in pol["phases"].values())
+    assert d["controller_us_per_request_step"] > 0 and all(d["identical_outputs"].values())
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    live = tmp_path / "live.json"
+    r = subprocess.run([*common, "--live", "--sidecar", "--policy", "none", "--policy", "adaptive", "--json",
+                        str(live)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(live.read_text())
+    assert d["mode"] == "live" and isinstance(d["sidecar"]["versions_applied"], list)
+    assert d["sidecar"]["logs_dropped"] == 0 and all(d["identical_outputs"].values())
+    assert all(p["wall_tok_s"] > 0 for p in d["policies"]["adaptive"]["phases"].values())

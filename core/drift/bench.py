@@ -49,6 +49,7 @@ class DriftArgs:
     learn: bool = True
     remeasure_costs: bool = False
     costs: str | None = None  # "measured" (default), a profile name, or a JSON file
+    sidecar: bool = False  # live only: learning in a real sidecar process over sockets
     learner: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,7 +76,7 @@ def run_drift(args: DriftArgs, settings: Settings, target: Target, controller: C
             progress.update(task, description=f"policy {name}")
         runs[name] = run_policy(name, stream, prompts, traces, target, settings, controller, costs, args.k,
                                 args.batch_size, args.max_new_tokens, live=args.live, learn=args.learn,
-                                learner_kwargs=args.learner)
+                                learner_kwargs=args.learner, sidecar=args.sidecar)
         if progress:
             progress.advance(task)
     return report(args, stream, labels, runs, costs, traces, record_s)
@@ -94,6 +95,8 @@ def report(args: DriftArgs, stream, labels: list[str], runs: dict[str, PolicyRun
         policies[name]["seconds"] = run.seconds
         if run.learner is not None:
             policies[name]["learner"] = run.learner
+        if run.sidecar is not None:
+            policies[name]["sidecar"] = run.sidecar
         if run.controller_us is not None:
             policies[name]["controller_us_per_request_step_stream"] = run.controller_us
     ref = runs[next(iter(runs))].outputs
@@ -113,6 +116,11 @@ def report(args: DriftArgs, stream, labels: list[str], runs: dict[str, PolicyRun
         "controller_us_per_request_step": ctrl["total"],
         "controller_batch": 64,
     }
+    linked = {n: r.sidecar for n, r in runs.items() if r.sidecar is not None}
+    if linked:  # the ATLAS run's, if it had one (stable keys), and every run's under per_policy
+        main = linked.get("atlas") or next(iter(linked.values()))
+        out["sidecar"] = {"versions_applied": main["versions_applied"],
+                          "logs_dropped": sum(v["logs_dropped"] for v in linked.values()), "per_policy": linked}
     out["acceptance"] = acceptance(out, labels)
     return out
 

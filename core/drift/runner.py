@@ -34,6 +34,7 @@ class PolicyRun:
     learner: dict[str, Any] | None = None
     outputs: list[list[int]] = field(default_factory=list, repr=False)
     seconds: float = 0.0
+    sidecar: dict[str, Any] | None = None
 
 
 class _StepClock:
@@ -56,13 +57,16 @@ def run_policy(
     name: str, stream: Sequence[StreamRequest], prompts: Sequence[Sequence[int]], traces: Sequence[Trace],
     target: Any, settings: Settings, controller: ControllerSettings, costs: StepCosts, k: int,
     batch_size: int, max_new_tokens: int, live: bool = False, learn: bool = True,
-    learner_kwargs: dict[str, Any] | None = None,
+    learner_kwargs: dict[str, Any] | None = None, sidecar: bool = False,
 ) -> PolicyRun:
     """Fresh drafters (nothing carries over between policies), the stream in order, continuous batching."""
     t_start = time.perf_counter()
     names = P.drafters_for(name)
     learning = learn and P.uses_adaptive(name)
-    s = settings.model_copy(update={"adaptive_collect": 32768 if learning else 0})
+    external = learning and sidecar  # a real sidecar process learns from the engine's logs
+    if external and not live:
+        raise ValueError("a real sidecar needs the live engine (--live)")
+    s = settings.model_copy(update={"adaptive_collect": 32768 if learning and not external else 0})
     drafters = {n: make_drafter(n, s, target) for n in names}
     if live:
         engine: SpecEngine = SpecEngine(target, drafters, batch_size=batch_size)
@@ -81,7 +85,10 @@ def run_policy(
         policy = P.make(name, k, costs, controller)
     timed = P.TimedPolicy(policy)
     learner = None
-    if learning:
+    online = None
+    if external:
+        online = _SidecarLink(engine, drafters["adaptive"], name, learner_kwargs)
+    elif learning:
         from adaspec.sidecar.inprocess import InProcessSidecar  # the sidecar's own pipeline, run in-process
         from adaspec.sidecar.settings import SidecarSettings
 
@@ -93,7 +100,10 @@ def run_policy(
     clock = _StepClock()
     engine.between_steps.append(clock.start)
     engine.step_listeners.append(clock)
-    results = engine.generate(specs, SamplingParams(max_new_tokens=max_new_tokens), timed)
+    try:
+        results = engine.generate(specs, SamplingParams(max_new_tokens=max_new_tokens), timed)
+    finally:
+        sidecar_info = online.close() if online is not None else None
     outs = []
     for req, res in zip(stream, results):
         o = outcome(req.index, req.phase, res, costs)
@@ -111,4 +121,35 @@ def run_policy(
         },
         outputs=[r.output_tokens for r in results],
         seconds=time.perf_counter() - t_start,
+        sidecar=sidecar_info,
     )
+
+
+class _SidecarLink:
+    """A real sidecar process over IPC sockets for one policy run: logs out, weights in (core/online.py)."""
+
+    def __init__(self, engine: SpecEngine, drafter: Any, name: str, knobs: dict[str, Any] | None) -> None:
+        import tempfile
+        from pathlib import Path
+
+        from adaspec.core.online import OnlineAdaptive, spawn_sidecar
+        from adaspec.core.transport_config import TransportSettings
+
+        tmp = Path(tempfile.mkdtemp(prefix="as-drift-", dir="/tmp"))  # IPC paths must stay short
+        ts = TransportSettings(run_dir=tmp / "run")
+        self.process = spawn_sidecar(ts, tmp / "state", head=drafter.head,
+                                     settings={"replay_ratio": LEARN_REPLAY_RATIO, **(knobs or {})},
+                                     env={"OMP_NUM_THREADS": "1"})
+        try:
+            self.online = OnlineAdaptive(engine, drafter, ts, server_id=f"drift-{name}").start()
+            self.online.wait_synced(30)
+        except BaseException:
+            self.process.stop()
+            raise
+
+    def close(self) -> dict[str, Any]:
+        info = {"versions_applied": self.online.versions_applied(),
+                "logs_dropped": int(self.online.logs_dropped().get("batches", 0))}
+        self.online.close()
+        self.process.stop()
+        return info

@@ -51,5 +51,13 @@ def print_drift(result: dict[str, Any], console: Console) -> None:
             console.print(f"{key}: {acc[key]:.3f}")
     if "pass" in acc:
         console.print("checks: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in acc["pass"].items()))
+    if "sidecar" in result:
+        sc = result["sidecar"]
+        console.print(f"sidecar: versions applied {sc['versions_applied']}, logs dropped {sc['logs_dropped']}")
+    for name, pol in result["policies"].items():
+        if "learner" in pol:
+            ln = pol["learner"]
+            console.print(f"{name}: in-process sidecar {ln['updates']} updates, {ln['gates']} gates, "
+                          f"{ln['published']} versions published")
     bad = [k for k, v in result["identical_outputs"].items() if not v]
     console.print("outputs identical across policies: " + ("yes" if not bad else f"NO ({', '.join(bad)})"))
