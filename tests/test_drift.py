@@ -197,3 +197,14 @@ def test_cli_drift_json_plot_and_live_sidecar(data_dir, tmp_path):
     assert d["mode"] == "live" and isinstance(d["sidecar"]["versions_applied"], list)
     assert d["sidecar"]["logs_dropped"] == 0 and all(d["identical_outputs"].values())
     assert all(p["wall_tok_s"] > 0 for p in d["policies"]["adaptive"]["phases"].values())
+
+
+def test_shorter_budget_reuses_a_longer_trace(tiny, tmp_path):
+    prompts = tiny_prompts(3)
+    store = TraceStore(tmp_path, tiny)
+    long = store.ensure(prompts, 64, [-1])
+    short = store.ensure(prompts, 10, [-1])
+    assert len(list(store.dir.iterdir())) == 3  # nothing new recorded
+    for lt, st in zip(long, short):
+        assert st.output == lt.output[:10] and st.hidden.shape[0] == len(st.tokens) - 1
+        assert torch.equal(st.hidden, lt.hidden[: len(st.tokens) - 1])

@@ -24,6 +24,8 @@ from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.train_static import HiddenRecorder, model_fingerprint
 
 TRACE_FORMAT = 1
+#: Budgets whose recordings also serve shorter requests (the benchmarks' usual 128 serves --quick's 48).
+_LONGER_BUDGETS = (64, 128, 192, 256, 512, 1024)
 
 
 @dataclass
@@ -69,14 +71,24 @@ class TraceStore:
         return self.dir / f"{trace_key(self.fingerprint, prompt, max_new_tokens, layers)}.safetensors"
 
     def load(self, prompt: Sequence[int], max_new_tokens: int, layers: Sequence[int]) -> Trace | None:
-        path = self.path(prompt, max_new_tokens, layers)
-        if not path.is_file():
-            return None
+        """The trace for this budget, or the prefix of a longer-budget one (greedy decoding is causal)."""
+        for budget in [max_new_tokens, *(b for b in _LONGER_BUDGETS if b > max_new_tokens)]:
+            path = self.path(prompt, budget, layers)
+            if path.is_file():
+                return self._read(path, max_new_tokens)
+        return None
+
+    @staticmethod
+    def _read(path: Path, max_new_tokens: int) -> Trace:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tokens = f.get_tensor("tokens").tolist()
             hidden = f.get_tensor("hidden")
-        return Trace(tokens, int(meta["prompt_len"]), hidden, tuple(json.loads(meta["layers"])))
+        plen = int(meta["prompt_len"])
+        if len(tokens) - plen > max_new_tokens:  # a longer recording: its first max_new_tokens are this one
+            tokens = tokens[: plen + max_new_tokens]
+            hidden = hidden[: len(tokens) - 1]
+        return Trace(tokens, plen, hidden, tuple(json.loads(meta["layers"])))
 
     def ensure(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, layers: Sequence[int],
@@ -86,7 +98,7 @@ class TraceStore:
         layers = tuple(sorted(set(layers)))
         if not layers:
             raise ValueError("a trace records at least one layer")
-        missing = [i for i, p in enumerate(prompts) if not self.path(p, max_new_tokens, layers).is_file()]
+        missing = [i for i, p in enumerate(prompts) if self.load(p, max_new_tokens, layers) is None]
         task = progress.add_task("recording greedy traces", total=len(missing)) if progress and missing else None
         params = SamplingParams(max_new_tokens=max_new_tokens)
         for lo in range(0, len(missing), batch_size * 4):
