@@ -368,6 +368,8 @@ def train_static_cmd(
     eval_k: int = typer.Option(4, min=1),
     draft_vocab: int = typer.Option(0, min=0, help="Export drafting over this many ids (0 = full vocabulary)."),
     export_dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 for the exported head."),
+    normalize_aux: bool = typer.Option(False, "--normalize-aux", help="Train on target features scaled to unit "
+                                       "RMS per dim (folded into fc on export; SGLang format unchanged)."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Start over even if a checkpoint exists."),
     model: Optional[str] = ModelOpt,
     cache_dir: Optional[Path] = CacheOpt,
@@ -391,7 +393,7 @@ def train_static_cmd(
         gen_batch_size=gen_batch_size, aux_layers=layers, ttt_steps=ttt_steps, epochs=epochs,
         max_steps=max_steps, batch_seqs=batch_seqs, lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip,
         save_every=save_every, seed=s.seed, eval_prompts=eval_prompts, eval_k=eval_k, draft_vocab=draft_vocab,
-        export_dtype=export_dtype, resume=not no_resume,
+        export_dtype=export_dtype, normalize_aux=normalize_aux, resume=not no_resume,
     )
     if export_dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--export-dtype must be float32, bfloat16 or float16, got {export_dtype!r}")

@@ -73,6 +73,8 @@ class StaticTrainArgs:
     #: then the lowest ids, which in BPE are the earliest merges); 0 keeps the full vocabulary.
     draft_vocab: int = 0
     export_dtype: str = "float32"
+    #: Scale each target-feature dim by 1/its RMS over the data while training (folded into fc on export).
+    normalize_aux: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -398,6 +400,8 @@ def train_static(args: StaticTrainArgs, target: Any, prompt_ids: Sequence[Sequen
         if args.draft_vocab:  # train on the reduced vocabulary too (EAGLE-3's d2t): the target's distribution
             # renormalised over it, at a fraction of the LM-head cost per position
             restrict_draft_vocab(head, choose_draft_vocab(data, args.draft_vocab, head.cfg.vocab_size))
+        if args.normalize_aux:
+            head.aux_scale.copy_(aux_feature_scale(data, head.cfg.aux_layers))
         trainer = StaticTrainer(head, data, args)
     trainer.run(ckpt_dir=ckpt)
     final = export_sglang(trainer.head, out / "final", dtype=_STORE_DTYPES[args.export_dtype])
@@ -408,6 +412,14 @@ def train_static(args: StaticTrainArgs, target: Any, prompt_ids: Sequence[Sequen
                               args.gen_batch_size)
         (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return final
+
+
+def aux_feature_scale(data: DistillData, aux_layers: Sequence[int], samples: int = 64) -> Tensor:
+    """1 / RMS of every target-feature dim (aux layers concatenated) over an even spread of samples."""
+    idx = [data.layers.index(layer) for layer in aux_layers]
+    step = max(1, len(data) // samples)
+    rows = torch.cat([data[i].hidden[:, idx].float().flatten(1) for i in range(0, len(data), step)])
+    return 1.0 / rows.pow(2).mean(0).sqrt().clamp(min=1e-3)
 
 
 def choose_draft_vocab(data: DistillData, size: int, vocab_size: int) -> list[int]:

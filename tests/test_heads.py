@@ -270,3 +270,14 @@ def test_trainer_resumes_bit_identically(target, tmp_path):
         assert torch.equal(p1, p2), n1
     meta = json.loads((tmp_path / "b" / "checkpoint" / "trainer.json").read_text())
     assert meta["state"]["step"] == 3
+
+
+def test_aux_scale_is_folded_into_fc_on_export(target, tmp_path):
+    """Training may scale target features per dim; the exported head (plain SGLang `fc`) computes the same."""
+    head = Eagle3Head.for_target(target, seed=3)
+    head.aux_scale.copy_(torch.rand_like(head.aux_scale) * 10 + 0.01)
+    back = load_sglang(export_sglang(head, tmp_path / "h"), target)
+    assert torch.equal(back.aux_scale, torch.ones_like(back.aux_scale))
+    aux = torch.randn(2, 5, head.fc.in_features) * 50
+    assert torch.allclose(back.fuse(aux), head.fuse(aux), rtol=1e-4, atol=1e-3)
+    assert check_export(tmp_path / "h") == []

@@ -202,6 +202,10 @@ class Eagle3Head(nn.Module):
         self.cfg = cfg
         n_aux = len(cfg.aux_layers)
         self.fc = nn.Linear(cfg.in_hidden * n_aux, cfg.hidden_size, bias=False)
+        # Fixed per-input-dimension scale on the target features (1 = none). Training sets 1/RMS per dim, so
+        # the few "massive activation" dims (|x| in the hundreds) do not swamp fc's updates; export folds it
+        # into fc.weight, so checkpoints stay SGLang's plain `fc` and never carry it.
+        self.register_buffer("aux_scale", torch.ones(cfg.in_hidden * n_aux), persistent=False)
         self.midlayer = Eagle3Layer(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attach(embed_weight, lm_head_weight)
@@ -241,7 +245,11 @@ class Eagle3Head(nn.Module):
 
     def fuse(self, aux: Tensor) -> Tensor:
         """Target features [..., n_aux*d] (low, mid, high concatenated) -> the draft hidden [..., d]."""
-        return self.fc(aux.to(self.dtype))
+        return self.fc(aux.to(self.dtype) * self.aux_scale.to(self.dtype))
+
+    def folded_fc_weight(self) -> Tensor:
+        """fc.weight with `aux_scale` folded in: fc(x * s) == (W * s) x."""
+        return self.fc.weight * self.aux_scale.to(self.fc.weight.dtype).unsqueeze(0)
 
     def logits_hidden(self, pre: Tensor) -> Tensor:
         """The normed hidden the LM head reads (pre-norm output in, as SGLang's final norm)."""

@@ -65,6 +65,7 @@ def export_sglang(head: Eagle3Head, out_dir: Path | str, dtype: torch.dtype = to
     out.mkdir(parents=True, exist_ok=True)
     cfg = head.cfg
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in head.state_dict().items()}
+    tensors["fc.weight"] = head.folded_fc_weight().detach().to("cpu", dtype).contiguous()
     if cfg.draft_vocab:
         ids = torch.tensor(cfg.draft_vocab, dtype=torch.long)
         tensors["lm_head.weight"] = head.lm_head_weight.detach().to("cpu", dtype).contiguous()
