@@ -22,10 +22,11 @@ from adaspec.core.heads.adaptive import AdaptiveFeatures, AdaptiveHead
 pytestmark = pytest.mark.model
 
 NEW_TOKENS = 128
-#: Measured with the shipped head (see MODEL_CARD.md / docs/results-cpu.md); the issue's goal is 2.5.
-STATIC_MT_BENCH_TAU = 1.3
-#: Measured relative tau gain of the adaptive head after learn() on 2,000 code_edit tokens; the goal is 0.30.
-ADAPTIVE_GAIN = 0.20
+#: Measured with the shipped head: 1.310 (MODEL_CARD.md, docs/results-cpu.md); the issue's goal is 2.5.
+STATIC_MT_BENCH_TAU = 1.30
+#: Measured: +26.2% (tau 1.003 -> 1.266) after learn() on 2,000 code_edit tokens, 1 thread; the goal is 0.30.
+#: The bar sits 1.2 points under the measurement for float differences across thread counts.
+ADAPTIVE_GAIN = 0.25
 
 
 def replay_tau(target, drafter, name, prompts, traces, k, new_tokens=NEW_TOKENS, batch_size=4):
