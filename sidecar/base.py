@@ -11,18 +11,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from adaspec.core.errors import ConfigError
 from adaspec.core.heads.adaptive import AdaptiveConfig, AdaptiveHead
+from adaspec.sidecar.checkpoint import save_atomic
 
 FORMAT = "adaspec-adaptive-base/1"
 _EMBED, _LM_HEAD, _INIT = "frozen.embed", "frozen.lm_head", "init."
@@ -81,13 +80,7 @@ def write_base(head: AdaptiveHead, path: Path | str) -> Path:
         "fingerprint": fingerprint(head.cfg, embed, lm_head),
         "init_checksum": _init_checksum({k[len(_INIT):]: v for k, v in tensors.items() if k.startswith(_INIT)}),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_atomic(tensors, path, meta)
 
 
 def read_base(path: Path | str, verify: bool = True) -> HeadBase:

@@ -28,6 +28,17 @@ from torch import Tensor
 from adaspec.core.errors import AdaspecError
 from adaspec.core.wire import named_tensor, weights_checksum
 
+
+def save_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file via a per-process temp name + rename: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
 FORMAT = "adaspec-sidecar-checkpoint/1"
 _VERSION_RE = re.compile(r"^v(\d{10})\.safetensors$")
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})$")
@@ -259,10 +270,4 @@ def export_head(path: Path, weights: dict[str, Tensor], config: dict[str, Any], 
         "drafter": drafter,
         "checksum": checksum(tensors),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_atomic(tensors, path, meta)
