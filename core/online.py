@@ -7,7 +7,9 @@
 * a `WeightSubscriber` thread (sync at start, then the PUB) feeding a `WeightStager` for the drafter's head,
   which validates every update off the hot path;
 * a `between_steps` hook applying a staged update by in-place copy -- so a step always drafts with one
-  complete version, and the version a record reports is the one it drafted with.
+  complete version, and the version a record reports is the one it drafted with;
+* a `LinkGuard` checked in that same hook: while the sidecar has not answered for `link_timeout_s`, a policy
+  attached with `guard(policy)` does not use the adaptive drafter (the controller falls back to static).
 
 `spawn_sidecar` starts `python -m adaspec.sidecar serve` as a real subprocess with the given settings and
 waits until it answers admin `status` (tests, `adaspec bench drift --live --sidecar`).
@@ -31,6 +33,7 @@ from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.engine.engine import SpecEngine, StepRecord
 from adaspec.core.errors import AdaspecError
 from adaspec.core.heads.adaptive import AdaptiveHead
+from adaspec.core.link_guard import LinkGuard
 from adaspec.core.log_publisher import LogMetrics, LogPublisher
 from adaspec.core.serving_metrics import EngineMetrics, serve_metrics
 from adaspec.core.transport import Transport, TransportError
@@ -58,6 +61,7 @@ class OnlineAdaptive:
         poll_ms: int = 100,
         metrics_port: int = 0,
         metrics_host: str = "127.0.0.1",
+        link_timeout_s: float | None = None,
     ) -> None:
         """`metrics_port` > 0 serves this registry (engine, log and weight series) on /metrics."""
         if engine.drafters.get(drafter.name) is not drafter:
@@ -76,6 +80,8 @@ class OnlineAdaptive:
             features_of=self._features_of, registry=self.registry,
         )
         self.subscriber = WeightSubscriber(self.transport, [self.stager], server_id, resync_s, poll_ms)
+        timeout = self.transport.settings.link_timeout_s if link_timeout_s is None else link_timeout_s
+        self.link = LinkGuard(self.subscriber, [drafter.name], timeout, server_id, self.registry)
         #: (engine step count before the step that first used it, version, serving pause in s) per swap.
         self.swaps: list[tuple[int, int, float]] = []
         self._hooks: list[tuple[list, Any]] = []
@@ -96,6 +102,12 @@ class OnlineAdaptive:
         if self._metrics_port and self.http is None:
             self.http = serve_metrics(self.registry, self._metrics_port, self._metrics_host)
         self._started = True
+        return self
+
+    def guard(self, policy: Any) -> "OnlineAdaptive":
+        """Let `policy` (one with `set_available`, e.g. `AtlasPolicy`) use the adaptive drafter only while the
+        sidecar answers; checked between steps."""
+        self.link.attach(policy)
         return self
 
     def wait_synced(self, timeout: float) -> bool:
@@ -127,6 +139,7 @@ class OnlineAdaptive:
 
     # -- hooks ----------------------------------------------------------------------------------------------
     def _between(self) -> None:
+        self.link.check()
         pause = self.stager.apply_if_staged()
         if pause > 0.0:
             self.swaps.append((self.engine.step_count, self.stager.version, pause))

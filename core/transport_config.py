@@ -94,7 +94,13 @@ class TransportSettings(BaseSettings):
         default=2000, ge=1, le=600_000, description="Sync and admin requests give up after this long."
     )
     resync_s: float = Field(
-        default=30.0, gt=0.0, le=86_400.0, description="Servers re-ask for current weights this often (covers PUB drops)."
+        default=2.0, gt=0.0, le=86_400.0,
+        description="Servers re-ask for current weights this often (covers PUB drops; doubles as the heartbeat).",
+    )
+    link_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=86_400.0,
+        description="A server stops using the online-learned drafter when the sidecar has not answered for this "
+        "long (the controller falls back to the static head until it answers again).",
     )
 
     log_batch_entries: int = Field(default=64, ge=1, le=1_000_000, description="Step entries per LogBatch.")
@@ -137,6 +143,15 @@ class TransportSettings(BaseSettings):
             raise ValueError(
                 f"tcp endpoints ({', '.join(tcp)}) need CURVE keys: set curve_public_key/curve_secret_key "
                 "or curve_key_file (make a pair with `python -c 'import zmq; print(zmq.curve_keypair())'`)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeat_fits_timeout(self) -> "TransportSettings":
+        if self.link_timeout_s <= self.resync_s:
+            raise ValueError(
+                f"link_timeout_s ({self.link_timeout_s}) must exceed resync_s ({self.resync_s}): the periodic "
+                "sync is the heartbeat, a timeout shorter than its period would flap"
             )
         return self
 

@@ -55,6 +55,9 @@ class WeightMetrics:
                              registry=registry)
         self.pause = Gauge("adaspec_weight_swap_pause_seconds", "Serving pause of the last swap.", ["drafter"],
                            registry=registry)
+        self.link_up = Gauge("adaspec_sidecar_link_up",
+                             "1 while the sidecar answers and the online-learned drafters may be used.", ["server"],
+                             registry=registry)
 
 
 _metrics_lock = threading.Lock()
@@ -231,6 +234,8 @@ class WeightSubscriber:
         self.poll_ms = poll_ms
         self.synced = threading.Event()
         self.sync_failures = 0
+        #: time.monotonic() of the last answer or update from the sidecar (None: never heard from it).
+        self.last_contact: float | None = None
         self.received = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -245,7 +250,13 @@ class WeightSubscriber:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def link_up(self, timeout_s: float, now: float | None = None) -> bool:
+        """Whether the sidecar answered within the last `timeout_s` (a sync is also the heartbeat)."""
+        last = self.last_contact
+        return last is not None and (time.monotonic() if now is None else now) - last <= timeout_s
+
     def _offer(self, update: WeightUpdate) -> None:
+        self.last_contact = time.monotonic()
         self.received += 1
         stager = self.stagers.get(update.drafter)
         if stager is not None:
@@ -276,6 +287,7 @@ class WeightSubscriber:
             self.sync_failures += 1
             log.warning("weight sync failed (%s); retrying", exc)
             return time.monotonic() + min(1.0, self.resync_s)
+        self.last_contact = time.monotonic()
         for update in ack.updates:
             self._offer(update)
         self.synced.set()

@@ -71,10 +71,12 @@ def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, 
         cs = load_controller_settings(max_k=settings.max_steps, explore_k=min(cs.explore_k, settings.max_steps))
     policy = AtlasPolicy(([STATIC] if static else []) + list(drafters), cs)
     sender = None
+    link = None
     closers: list[Any] = []
     if settings.sidecar:
         from adaspec.core.log_publisher import LogPublisher
         from adaspec.core.transport import Transport
+        from adaspec.core.link_guard import LinkGuard
         from adaspec.core.weights import WeightSubscriber
 
         transport = transport if transport is not None else Transport()
@@ -82,7 +84,10 @@ def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, 
         sender = BackgroundSender(VersionedSink(publisher), settings.log_queue,
                                   on_drop=lambda n: pm.logs_dropped.inc())
         if stagers:
-            closers.append(WeightSubscriber(transport, stagers, server_id).start().stop)
+            subscriber = WeightSubscriber(transport, stagers, server_id).start()
+            link = LinkGuard(subscriber, [s.drafter for s in stagers], transport.settings.link_timeout_s,
+                             server_id, registry).attach(policy)
+            closers.append(subscriber.stop)
         closers += [sender.close, publisher.close]
     runtime = AtlasRuntime(
         policy, drafters, settings.candidate_steps, static=static, stagers=stagers, sender=sender,
@@ -90,4 +95,5 @@ def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, 
         metrics=pm, seed=settings.seed,
     )
     runtime.closers = closers
+    runtime.link = link
     return runtime

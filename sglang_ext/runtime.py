@@ -134,6 +134,8 @@ class AtlasRuntime:
         self._prefills: list[tuple[list[ReqView], Tensor | None, Any]] = []
         #: Called by `close()` (weight subscriber stop, log sender/publisher close), in order.
         self.closers: list[Callable[[], Any]] = []
+        #: Sidecar liveness (`core.link_guard.LinkGuard`, attached to the policy), checked at batch start.
+        self.link: Any = None
         self.plan_errors = 0
 
     def close(self) -> None:
@@ -147,7 +149,10 @@ class AtlasRuntime:
 
     # -- 1. batch start --------------------------------------------------------------------------------------
     def begin_batch(self) -> float:
-        """Apply staged weight updates in place (before anything of this batch drafts); total pause in s."""
+        """Apply staged weight updates in place (before anything of this batch drafts); total pause in s.
+        First, if the sidecar has gone silent, the policy stops using the learned drafters (static takes over)."""
+        if self.link is not None:
+            self.link.check()
         pause = 0.0
         for s in self.stagers:
             p = s.apply_if_staged()

@@ -266,7 +266,7 @@ class FakeSidecar:
 @pytest.fixture(scope="module")
 def server(target):
     root = short_dir()
-    ts = TransportSettings(run_dir=root / "run", request_timeout_ms=200, resync_s=60.0)
+    ts = TransportSettings(run_dir=root / "run", request_timeout_ms=200, resync_s=60.0, link_timeout_s=120.0)
     fake = FakeSidecar(ts)
     engine, drafter = engine_with_adaptive(target, inner_size=32)
     registry = CollectorRegistry()

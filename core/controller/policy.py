@@ -24,7 +24,8 @@ next token no longer pays for verifying it. A guarded drafter (default "adaptive
 is only a candidate once its calibrator has enough evidence and its recent expected accepted length (a faster
 global EMA) is not below the fallback's ("static"); otherwise it is excluded and the remaining drafters
 (static, when it is the best of them) take over. A drafter unused for `explore_every` steps gets short drafts
-on a deterministic schedule so its calibration keeps learning. Nothing here is random: equal inputs give equal
+on a deterministic schedule so its calibration keeps learning. A drafter made unavailable from outside
+(`set_available`; the online-learned one while its sidecar is silent) is neither planned nor explored. Nothing here is random: equal inputs give equal
 plans (the seed only shifts the exploration rotation).
 """
 
@@ -122,6 +123,8 @@ class AtlasPolicy:
         self._guarded = [self.index[g] for g in s.guarded if g in self.index]
         self._fallback = self.index.get(s.fallback)
         self.trusted = [True] * D
+        #: Set from outside (`set_available`): False while a drafter's weights are unwatched (sidecar down).
+        self.available = [True] * D
         self._short = [False] * D  # guarded and below its evidence threshold: explored 4x as often
         self.last_used = [0] * D
         self.step = 0
@@ -165,6 +168,14 @@ class AtlasPolicy:
             return list(self.tenants[tenant].cum[di] or self.glob[di])
         return list(self.glob[di])
 
+    def set_available(self, drafter: str, available: bool) -> None:
+        """Allow or forbid a drafter (e.g. the online-learned one while its sidecar is silent: `LinkGuard`).
+        An unavailable drafter is neither planned nor explored; its statistics are kept for its return."""
+        d = self.index.get(drafter)
+        if d is not None:
+            self.available[d] = bool(available)
+            self.trusted[d] = self.trusted[d] and self.available[d]
+
     def _update_trust(self) -> None:
         s = self.settings
         fb = self._fallback
@@ -174,6 +185,10 @@ class AtlasPolicy:
             if ok and fb is not None:
                 ok = sum(self.recent[g]) >= sum(self.recent[fb]) - s.guard_margin
             self.trusted[g] = ok
+        avail = self.available
+        for d in range(len(avail)):
+            if not avail[d]:
+                self.trusted[d] = False
 
     # -- plan ------------------------------------------------------------------------------------------------------
     def plan(self, requests: Sequence[RequestState]) -> list[Plan]:
@@ -282,6 +297,8 @@ class AtlasPolicy:
         s = self.settings
         n = max(1, int(B * s.explore_fraction))
         for d in range(len(self.names)):
+            if not self.available[d]:
+                continue
             period = max(1, s.explore_every // 4) if self._short[d] else s.explore_every
             if step - self.last_used[d] < period:
                 continue
