@@ -253,8 +253,9 @@ def bench_drift_cmd(
     window: int = typer.Option(16, min=1, help="Requests per tau window."),
     no_learn: bool = typer.Option(False, "--no-learn", help="Turn the adaptive drafter's online learning off."),
     costs: str = typer.Option(
-        "measured", "--costs", help="Step costs: 'measured' (on this machine, cached), a profile "
-        "('gpu-small-model': assumed GPU regime), or a JSON file {a, b, c, draft: {name: s/token}}."),
+        "measured", "--costs", help="Step costs: 'measured' (on this machine, cached), an assumed GPU profile "
+        "('gpu-small-model': this 135M target; 'gpu-large-target': an 8B-70B-class target, goodput ~ tau), or a "
+        "JSON file {a, b, c, draft: {name: s/token}, draft_step: {batched drafter: s/position}}."),
     remeasure_costs: bool = typer.Option(False, help="Measure step costs again even if cached."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write everything as JSON here."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the rolling-tau plot (PNG) here."),

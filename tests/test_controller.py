@@ -430,3 +430,38 @@ def test_every_knob_has_a_default_and_a_description():
     for name, info in ControllerSettings.model_fields.items():
         assert info.description, name
         assert getattr(s, name) is not None
+
+
+# -- batched drafters (a GPU head runs one forward per chain position for all its rows) --------------------------
+
+
+def test_batched_draft_cost_is_per_position_for_the_whole_batch():
+    cm = CostModel(verify_fixed_s=5e-3, verify_token_s=2e-5, verify_request_s=0.0, draft_costs={"suffix": 2e-5},
+                   draft_step_costs={"head": 3e-4}, frozen=True)
+    t = cm.expected_step_time([3, 5, 0, 2], ["head", "head", None, "suffix"])
+    assert t == pytest.approx(5e-3 + 2e-5 * (10 + 4) + 5 * 3e-4 + 2 * 2e-5)
+    assert cm.draft_cost("head") == 0.0 and cm.amortised_draft_cost("head", 4) == pytest.approx(3e-4 / 4)
+    cm.observe_draft({"head": 8}, 1.0)  # learning does not touch given step costs
+    assert cm.draft_step_cost("head") == 3e-4
+
+
+def _warm_policy(costs: CostModel) -> AtlasPolicy:
+    """r0 keeps getting long chains accepted, r1 about half a token: different request curves."""
+    policy = AtlasPolicy(["head"], ControllerSettings(guarded=(), explore_every=0, max_k=6), costs=costs)
+    for step in range(1, 40):
+        policy.plan([state("r0"), state("r1")])
+        policy.feedback([record(step, "r0", "head", 6, 6, [0.9] * 6, batch=2),
+                         record(step, "r1", "head", 6, step % 2, [0.5] * 6, batch=2)])
+    return policy
+
+
+def test_rows_of_a_batched_drafter_fill_up_to_the_depth_the_batch_pays_for():
+    step_s = 1e-3
+    per_token = _warm_policy(CostModel(verify_fixed_s=5e-3, verify_token_s=2e-5, draft_costs={"head": step_s / 2},
+                                       frozen=True))
+    batched = _warm_policy(CostModel(verify_fixed_s=5e-3, verify_token_s=2e-5, draft_step_costs={"head": step_s},
+                                     frozen=True))
+    (a0, a1), (b0, b1) = (p.plan([state("r0"), state("r1")]) for p in (per_token, batched))
+    assert a0.k == b0.k == 6  # the long chain sets the depth either way
+    # the short one is priced its share of the head's steps per token alone, but the batch already runs 6 positions
+    assert a1.k < b1.k <= 6, (a1.k, b1.k)

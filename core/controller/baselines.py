@@ -248,7 +248,7 @@ class OraclePolicy:
         if B == 0:
             return []
         cm = self.costs
-        cost = [cm.b + cm.draft_cost(d) for d in self.names]
+        cost = [cm.b + cm.amortised_draft_cost(d, B) for d in self.names]
         table = []
         pending = 0
         for st in requests:

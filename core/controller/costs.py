@@ -9,7 +9,9 @@ compute-bound and speculation stops paying.
 
 Draft: seconds per drafted token per drafter. The engine times all drafters of a step together, so the
 per-drafter costs are fitted by normalised LMS on draft_s = sum_d cost_d * tokens_d (an EMA per token when a
-step used one drafter).
+step used one drafter). A *batched* drafter (a GPU head: one forward per chain position for all its rows)
+may instead be given a per-position step cost (`draft_step_costs`): a chain of k positions costs k steps
+for the whole batch, whatever the number of rows -- the planner amortises it over the batch.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class CostModel:
         fit_prefill: bool = False,
         draft_costs: Mapping[str, float] | None = None,
         frozen: bool = False,
+        draft_step_costs: Mapping[str, float] | None = None,
     ) -> None:
         # Work in units of the default step (batch 10, 100 tokens) so the prior has a scale-free meaning.
         self._ys = max(verify_fixed_s + verify_token_s * _TOK_SCALE + verify_request_s * _BATCH_SCALE, 1e-9)
@@ -54,6 +57,8 @@ class CostModel:
         self.draft_alpha = draft_alpha
         self.fit_prefill = fit_prefill
         self._draft: dict[str, float] = dict(draft_costs or {})
+        #: Batched drafters: seconds per chain position for the whole batch (not learned online).
+        self.draft_step: dict[str, float] = dict(draft_step_costs or {})
         #: Frozen: keep the start-up values (benchmarks that must decide identically live and on replay).
         self.frozen = frozen
         self.steps_seen = 0
@@ -75,10 +80,20 @@ class CostModel:
         return self.a + self.b * tokens + self.c * batch
 
     def draft_cost(self, drafter: str | None) -> float:
-        """Seconds per drafted token of `drafter` (0 for no drafter)."""
+        """Seconds per drafted token of `drafter` (0 for no drafter; a batched drafter's per-row part)."""
         if drafter is None:
             return 0.0
+        if drafter in self.draft_step:
+            return self._draft.get(drafter, 0.0)
         return self._draft.get(drafter, self.default_draft)
+
+    def draft_step_cost(self, drafter: str | None) -> float:
+        """Seconds per chain position of a batched drafter for the whole batch (0 when priced per token)."""
+        return self.draft_step.get(drafter, 0.0) if drafter else 0.0
+
+    def amortised_draft_cost(self, drafter: str | None, batch: int) -> float:
+        """Per drafted token, a batched drafter's step cost shared by the batch's rows."""
+        return self.draft_cost(drafter) + self.draft_step_cost(drafter) / max(1, batch)
 
     def expected_step_time(
         self,
@@ -97,9 +112,12 @@ class CostModel:
         if drafters is None:
             draft = self.default_draft * sum(ks)
         else:
+            depth: dict[str, int] = {}
             for k, d in zip(ks, drafters):
                 if k and d is not None:
                     draft += k * self.draft_cost(d)
+                    depth[d] = max(depth.get(d, 0), k)
+            draft += sum(self.draft_step_cost(d) * k for d, k in depth.items())
         return self.verify_time(tokens, n) + draft
 
     # -- learning -------------------------------------------------------------------------------------------------
@@ -130,7 +148,7 @@ class CostModel:
         for r in recs:
             if r.drafter is not None and r.drafted:
                 per[r.drafter] = per.get(r.drafter, 0) + r.drafted
-        if per:
+        if per and not any(d in self.draft_step for d in per):  # batched drafters' step costs are given
             self.observe_draft(per, r0.draft_s)
 
     def observe_verify(self, tokens: float, batch: int, seconds: float) -> None:

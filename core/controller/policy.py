@@ -132,6 +132,7 @@ class AtlasPolicy:
         self._lam_decode = 0.0
         self._choice_d: list[int] = []
         self._choice_k: list[int] = []
+        self._curves: list = []  # the survival curve behind each row's choice (batched-drafter fill pass)
         self._rows: list[_Req] = []
         self._tgt = [0.0] * K
         self._explore_seed = s.seed
@@ -207,13 +208,16 @@ class AtlasPolicy:
             cand: list[int] = []
         else:
             cand = [d for d in range(len(self.names)) if self.trusted[d]]
-        cost = [b + cm.draft_cost(self.names[d]) for d in cand]
+        cost = [b + cm.amortised_draft_cost(self.names[d], B) for d in cand]
 
         if len(self._choice_d) < B:
             grow = B - len(self._choice_d)
             self._choice_d.extend([-1] * grow)
             self._choice_k.extend([0] * grow)
         choice_d, choice_k = self._choice_d, self._choice_k
+        curves = self._curves
+        if len(curves) < B:
+            curves.extend([None] * (B - len(curves)))
         rows = self._rows
         rows.clear()
         reqs = self.requests
@@ -242,7 +246,7 @@ class AtlasPolicy:
             T = base_t
             for i, r in enumerate(rows):
                 kc = r.kcap
-                best_g, best_d, best_k, best_v, best_c = 0.0, -1, 0, 0.0, 0.0
+                best_g, best_d, best_k, best_v, best_c, best_curve = 0.0, -1, 0, 0.0, 0.0, None
                 if kc:
                     rc, tc, rs = r.cum, r.tenant.cum, r.seen
                     for d, c, t in thr:
@@ -259,9 +263,10 @@ class AtlasPolicy:
                         if k:
                             g = v - t * k
                             if g > best_g:
-                                best_g, best_d, best_k, best_v, best_c = g, d, k, v, c
+                                best_g, best_d, best_k, best_v, best_c, best_curve = g, d, k, v, c, curve
                 choice_d[i] = best_d
                 choice_k[i] = best_k
+                curves[i] = best_curve
                 if best_k:
                     E += best_v
                     T += best_c * best_k
@@ -273,6 +278,8 @@ class AtlasPolicy:
         self.lam = lam
         if decode:
             self._lam_decode = lam
+        if cm.draft_step and pairs:
+            self._fill_batched(B, rows, choice_d, choice_k, curves, lam)
 
         if s.explore_every and not capped:  # the hard cap means no drafting at all, exploration included
             self._explore(step, B, rows, choice_d, choice_k)
@@ -289,6 +296,29 @@ class AtlasPolicy:
             else:
                 out.append(self._none)
         return out
+
+    def _fill_batched(self, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int],
+                      curves: list, lam: float) -> None:
+        """A batched drafter runs as many chain positions as its longest chain, for all its rows at once: up to
+        that depth, a row's further token costs only its verification (and per-row draft cost), so extend each
+        row while its survival probability still pays for that."""
+        cm = self.costs
+        depth: dict[int, int] = {}
+        for i in range(B):
+            d = choice_d[i]
+            if d >= 0 and cm.draft_step_cost(self.names[d]) > 0.0 and choice_k[i] > depth.get(d, 0):
+                depth[d] = choice_k[i]
+        for i in range(B):
+            d = choice_d[i]
+            top = depth.get(d, 0)
+            k = choice_k[i]
+            if k >= top or curves[i] is None:
+                continue
+            t = lam * (cm.b + cm.draft_cost(self.names[d]))
+            curve, kc = curves[i], min(top, rows[i].kcap)
+            while k < kc and k < len(curve) and curve[k] > t:
+                k += 1
+            choice_k[i] = k
 
     def _explore(self, step: int, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int]) -> None:
         """Each drafter unused for `explore_every` steps (a guarded one short of evidence: a quarter of that)
@@ -326,12 +356,15 @@ class AtlasPolicy:
         d = self.index.get(drafter)
         if d is None or n == 0:
             return n
-        curve = self.calibrators[d].cumulative(draft.confidence)
+        cal = self.calibrators[d]
+        curve = cal.cumulative(draft.confidence)
         r = self.requests.get(request.request_id)
         if r is not None:
             r.memo, r.memo_d = curve, d
             if r.explore:
                 return n
+        if cal.evidence < self.settings.trim_min_evidence:
+            return n
         cost = self.costs.b
         if self.settings.trim_counts_draft_cost:
             cost += self.costs.draft_cost(drafter)

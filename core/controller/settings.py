@@ -44,6 +44,11 @@ class ControllerSettings(BaseSettings):
         description="Per-token acceptance assumed before any data: position j starts at prior_acceptance**j.",
     )
     trim: bool = Field(default=True, description="Offer the engine the post-propose early-stop hook (`trim`).")
+    trim_min_evidence: float = Field(
+        default=256.0, ge=0.0, le=1e12,
+        description="Calibrated tokens a drafter needs before `trim` cuts its drafts (a young calibration is still "
+        "the raw confidence, which can be far off).",
+    )
     trim_counts_draft_cost: bool = Field(
         default=False,
         description="Charge the (already spent) draft cost when trimming; off = only the verify cost is marginal.",

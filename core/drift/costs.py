@@ -25,13 +25,16 @@ from adaspec.core.engine.sampling import SamplingParams
 
 @dataclass
 class StepCosts:
-    """t_step = a + b * tokens + c * batch + sum_i drafted_i * draft[drafter_i] (seconds)."""
+    """t_step = a + b * tokens + c * batch + sum_i drafted_i * draft[drafter_i]
+    + sum_d draft_step[d] * (longest chain asked of batched drafter d in the step)   (seconds)."""
 
     a: float
     b: float
     c: float
     draft: dict[str, float] = field(default_factory=dict)
     source: str = "measured"
+    #: Batched drafters (one forward per chain position for all rows): seconds per position per step.
+    draft_step: dict[str, float] = field(default_factory=dict)
 
     def verify_time(self, tokens: int, batch: int) -> float:
         return self.a + self.b * tokens + self.c * batch
@@ -40,14 +43,30 @@ class StepCosts:
         return self.draft.get(drafter, 0.0) if drafter else 0.0
 
     def record_time(self, rec: StepRecord) -> float:
-        """This request's share of its step: the fixed cost split evenly, the rest its own."""
+        """This request's share of its step without batched draft steps: the fixed cost split evenly, the rest
+        its own (`step_shares` adds those)."""
         return (self.a / rec.batch_size + self.b * rec.chunk_tokens + self.c
                 + rec.drafted * self.draft_cost(rec.drafter))
+
+    def step_shares(self, records: Sequence[StepRecord]) -> list[float]:
+        """Each request's share of one step's modeled time: `record_time`, plus each batched drafter's steps
+        (as deep as the longest chain asked of it) split evenly among the requests that used it."""
+        shares = [self.record_time(r) for r in records]
+        if self.draft_step:
+            users: dict[str, list[int]] = {}
+            for i, r in enumerate(records):
+                if r.drafter in self.draft_step and r.k:
+                    users.setdefault(r.drafter, []).append(i)
+            for d, idx in users.items():
+                each = self.draft_step[d] * max(records[i].k for i in idx) / len(idx)
+                for i in idx:
+                    shares[i] += each
+        return shares
 
     def cost_model(self) -> CostModel:
         """A frozen controller cost model with these values."""
         return CostModel(verify_fixed_s=self.a, verify_token_s=self.b, verify_request_s=self.c,
-                         draft_costs=self.draft, frozen=True)
+                         draft_costs=self.draft, frozen=True, draft_step_costs=self.draft_step)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,7 +74,7 @@ class StepCosts:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "StepCosts":
         return cls(float(d["a"]), float(d["b"]), float(d["c"]), {k: float(v) for k, v in d.get("draft", {}).items()},
-                   str(d.get("source", "file")))
+                   str(d.get("source", "file")), {k: float(v) for k, v in d.get("draft_step", {}).items()})
 
 
 class _TimedDrafter:
@@ -139,12 +158,20 @@ def measure_costs(
 
 #: Named cost profiles for regimes this machine cannot measure. `gpu-small-model` is an *assumption*, not a
 #: measurement: a ~135M target on a modern GPU at small batch is launch/memory-bound (a decode step ~5 ms,
-#: each extra verified token ~0.5% of it), a one-layer EAGLE-3 step over an 8k draft vocabulary ~0.25 ms,
-#: the adaptive MLP ~0.1 ms, a suffix-tree lookup ~20 us. In that regime goodput is nearly proportional to tau.
+#: each extra verified token ~0.5% of it); the heads are batched -- one EAGLE-3 step over an 8k draft
+#: vocabulary ~0.25 ms and one adaptive-MLP step ~0.1 ms per chain position *for the whole batch* (launch-bound
+#: at small batch, like SGLang's draft loop); the suffix tree runs per request on the CPU, ~20 us per token. In
+#: that regime goodput is nearly proportional to tau.
 PROFILES: dict[str, StepCosts] = {
-    "gpu-small-model": StepCosts(a=5e-3, b=2.5e-5, c=5e-5,
-                                 draft={"static": 2.5e-4, "adaptive": 1e-4, "suffix": 2e-5, "prompt-lookup": 2e-5},
+    "gpu-small-model": StepCosts(a=5e-3, b=2.5e-5, c=5e-5, draft={"suffix": 2e-5, "prompt-lookup": 2e-5},
+                                 draft_step={"static": 2.5e-4, "adaptive": 1e-4},
                                  source="profile:gpu-small-model (assumed)"),
+    #: An 8B-70B-class target on a GPU at small batch (a decode step ~25 ms, an extra verified token ~0.2% of
+    #: it) with the same small drafters: drafting is nearly free next to the target, so goodput ~ tau -- the
+    #: regime adaptive speculation is built for (also an assumption, not a measurement).
+    "gpu-large-target": StepCosts(a=2.5e-2, b=5e-5, c=1e-4, draft={"suffix": 2e-5, "prompt-lookup": 2e-5},
+                                  draft_step={"static": 4e-4, "adaptive": 2e-4},
+                                  source="profile:gpu-large-target (assumed)"),
 }
 
 
@@ -168,7 +195,7 @@ def load_or_measure(
     """Costs cached per machine setup in `path` (JSON); measured when missing, or when asked to."""
     if path.is_file() and not remeasure:
         costs = StepCosts.from_json(json.loads(path.read_text()))
-        if all(n in costs.draft for n in drafters if n != "none"):
+        if all(n in costs.draft or n in costs.draft_step for n in drafters if n != "none"):
             return costs
     costs = measure_costs(target, drafters, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)

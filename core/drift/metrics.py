@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from adaspec.core.drift.costs import StepCosts
-from adaspec.core.engine.engine import GenerationResult
+from adaspec.core.engine.engine import GenerationResult, StepRecord
 
 RECOVERY_FRACTION = 0.9
 
@@ -34,13 +34,34 @@ class RequestOutcome:
         return self.tokens / max(1, self.forwards)
 
 
-def outcome(index: int, phase: str, res: GenerationResult, costs: StepCosts) -> RequestOutcome:
+class ModeledClock:
+    """Engine step listener: each request's share of every step's modeled time (batched draft steps are shared
+    by the requests of the step that used them, so shares need the whole step)."""
+
+    def __init__(self, costs: StepCosts) -> None:
+        self.costs = costs
+        self.shares: dict[tuple[str, int], float] = {}
+
+    def __call__(self, records: Sequence[StepRecord]) -> None:
+        for r, t in zip(records, self.costs.step_shares(records)):
+            self.shares[(r.request_id, r.step)] = t
+
+    def request_time(self, res: GenerationResult) -> float:
+        total = 0.0
+        for r in res.records:
+            t = self.shares.get((r.request_id, r.step))
+            total += self.costs.record_time(r) if t is None else t
+        return total
+
+
+def outcome(index: int, phase: str, res: GenerationResult, costs: StepCosts,
+            clock: ModeledClock | None = None) -> RequestOutcome:
     accepted: dict[str, int] = {}
     for r in res.records:
         if r.drafter and r.accepted:
             accepted[r.drafter] = accepted.get(r.drafter, 0) + r.accepted
-    return RequestOutcome(index, phase, len(res.output_tokens), res.target_forwards,
-                          sum(costs.record_time(r) for r in res.records), res.wall_s, accepted)
+    modeled = clock.request_time(res) if clock is not None else sum(costs.record_time(r) for r in res.records)
+    return RequestOutcome(index, phase, len(res.output_tokens), res.target_forwards, modeled, res.wall_s, accepted)
 
 
 def tau_of(outs: Sequence[RequestOutcome]) -> float:

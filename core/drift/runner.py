@@ -12,7 +12,7 @@ from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.drafters.registry import make_drafter
 from adaspec.core.drift import policies as P
 from adaspec.core.drift.costs import StepCosts
-from adaspec.core.drift.metrics import RequestOutcome, outcome
+from adaspec.core.drift.metrics import ModeledClock, RequestOutcome, outcome
 from adaspec.core.drift.oracle import TraceOracle, TraceOraclePolicy
 from adaspec.core.drift.replay_engine import TraceEngine
 from adaspec.core.drift.stream import StreamRequest
@@ -100,13 +100,15 @@ def run_policy(
     clock = _StepClock()
     engine.between_steps.append(clock.start)
     engine.step_listeners.append(clock)
+    modeled = ModeledClock(costs)
+    engine.step_listeners.append(modeled)
     try:
         results = engine.generate(specs, SamplingParams(max_new_tokens=max_new_tokens), timed)
     finally:
         sidecar_info = online.close() if online is not None else None
     outs = []
     for req, res in zip(stream, results):
-        o = outcome(req.index, req.phase, res, costs)
+        o = outcome(req.index, req.phase, res, costs, modeled)
         if live:
             o = RequestOutcome(o.index, o.phase, o.tokens, o.forwards, o.modeled_s,
                                clock.per_request.get(res.request_id, 0.0), o.drafter_tokens)
