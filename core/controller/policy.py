@@ -19,6 +19,10 @@ converges in one or two passes. This is the batch verify budget: draft tokens go
 highest, and none go anywhere once the marginal verify cost outweighs their value (large, compute-bound
 batches turn speculation off by themselves; `max_spec_batch` is a hard cap on top).
 
+Peek: cheap drafters (`settings.peek`, the suffix tree) propose for every request before planning; once their
+calibration has evidence, a request's curve for such a drafter is the calibrated survival of the draft it has
+right now (none: nothing to gain), so the choice between suffix and a head follows the request's own text.
+
 After drafting, `trim` (optional engine hook) cuts a chain where the calibrated survival probability of the
 next token no longer pays for verifying it. A guarded drafter (default "adaptive", the one that learns online)
 is only a candidate once its calibrator has enough evidence and its recent expected accepted length (a faster
@@ -58,7 +62,8 @@ class _Group:
 class _Req:
     """Controller state of one live request (kept small: it is touched for every request every step)."""
 
-    __slots__ = ("tenant", "cum", "seen", "kcap", "plan_d", "plan_k", "memo", "memo_d", "explore")
+    __slots__ = ("tenant", "cum", "seen", "kcap", "plan_d", "plan_k", "memo", "memo_d", "explore", "peek",
+                 "peek_step")
 
     def __init__(self, tenant: _Group, n_drafters: int) -> None:
         self.tenant = tenant
@@ -70,6 +75,8 @@ class _Req:
         self.memo: list[float] | None = None  # calibrated survival curve of the full (untrimmed) proposal
         self.memo_d = -1
         self.explore = False
+        self.peek: list[list[float] | None] | None = None  # this step's calibrated curves of peeked drafts
+        self.peek_step = -1
 
 
 def make_costs(s: ControllerSettings) -> CostModel:
@@ -112,7 +119,10 @@ class AtlasPolicy:
         D, K = len(self.names), s.max_k
         self.costs = costs if costs is not None else make_costs(s)
         self.calibrators = [make_calibrator(s) for _ in range(D)]
-        self.glob: Curves = [[s.prior_acceptance ** (j + 1) for j in range(K)] for _ in range(D)]
+        has_floor = s.fallback in self.index
+        prior = [s.prior_acceptance if d == s.fallback or not has_floor else s.prior_acceptance_others
+                 for d in self.names]
+        self.glob: Curves = [[prior[d] ** (j + 1) for j in range(K)] for d in range(D)]
         self.glob_n = [1] * D  # drafts behind each global curve (the prior counts as one)
         #: Faster global curves, only for the guardrail's "has it dropped below the fallback?" check.
         self.recent: Curves = [list(c) for c in self.glob]
@@ -191,6 +201,33 @@ class AtlasPolicy:
             if not avail[d]:
                 self.trusted[d] = False
 
+    # -- peek (engine hook, before plan) -------------------------------------------------------------------------
+    @property
+    def peek(self) -> tuple[str, ...]:
+        """Drafters the engine asks for every request before `plan` (then calls `peeked`)."""
+        return tuple(d for d in self.settings.peek if d in self.index)
+
+    @property
+    def peek_k(self) -> int:
+        return self.settings.max_k
+
+    def peeked(self, drafter: str, requests: Sequence[RequestState], drafts: Sequence[Draft]) -> None:
+        """This step's proposals of a cheap drafter: once its calibration has evidence, the planner prices it per
+        request from the calibrated confidence of the draft it actually has (an empty draft: nothing to gain)
+        instead of from running statistics -- a domain change shows at once, not after a few drafts."""
+        d = self.index.get(drafter)
+        if d is None or self.calibrators[d].evidence < self.settings.peek_min_evidence:
+            return
+        cal, step, D = self.calibrators[d], self.step + 1, len(self.names)
+        for st, draft in zip(requests, drafts):
+            spec = st.spec
+            r = self.requests.get(spec.request_id)
+            if r is None:
+                r = self._admit(spec.request_id, spec.tenant)
+            if r.peek_step != step:
+                r.peek, r.peek_step = [None] * D, step
+            r.peek[d] = cal.cumulative(draft.confidence) if draft.tokens else []
+
     # -- plan ------------------------------------------------------------------------------------------------------
     def plan(self, requests: Sequence[RequestState]) -> list[Plan]:
         B = len(requests)
@@ -249,8 +286,11 @@ class AtlasPolicy:
                 best_g, best_d, best_k, best_v, best_c, best_curve = 0.0, -1, 0, 0.0, 0.0, None
                 if kc:
                     rc, tc, rs = r.cum, r.tenant.cum, r.seen
+                    pk = r.peek if r.peek_step == step else None
                     for d, c, t in thr:
-                        curve = rc[d] if rs[d] >= stale else None
+                        curve = pk[d] if pk is not None else None
+                        if curve is None:
+                            curve = rc[d] if rs[d] >= stale else None
                         if curve is None:
                             curve = tc[d] or glob[d]
                         k = 0

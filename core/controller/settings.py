@@ -43,11 +43,26 @@ class ControllerSettings(BaseSettings):
         default=0.5, ge=0.0, le=1.0,
         description="Per-token acceptance assumed before any data: position j starts at prior_acceptance**j.",
     )
+    prior_acceptance_others: float = Field(
+        default=0.3, ge=0.0, le=1.0,
+        description="The same for every drafter but the fallback (static), when the fallback is one of the drafters: "
+        "before any evidence, the offline-trained floor is preferred over drafters whose fit is unknown.",
+    )
     trim: bool = Field(default=True, description="Offer the engine the post-propose early-stop hook (`trim`).")
     trim_min_evidence: float = Field(
         default=256.0, ge=0.0, le=1e12,
         description="Calibrated tokens a drafter needs before `trim` cuts its drafts (a young calibration is still "
         "the raw confidence, which can be far off).",
+    )
+    peek_min_evidence: float = Field(
+        default=64.0, ge=0.0, le=1e12,
+        description="Calibrated tokens a peeked drafter needs before its draft's calibrated confidence replaces the "
+        "running statistics in planning.",
+    )
+    peek: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("suffix",),
+        description="Cheap drafters asked for every request before planning, so the choice reads this step's "
+        "draft confidence (a suffix-tree lookup costs ~20 us; a head forward is not cheap).",
     )
     trim_counts_draft_cost: bool = Field(
         default=False,
@@ -148,7 +163,7 @@ class ControllerSettings(BaseSettings):
     explore_k: int = Field(default=2, ge=1, le=64, description="Length of an exploration draft.")
     seed: int = Field(default=0, ge=0, description="Offsets the deterministic exploration schedule.")
 
-    @field_validator("guarded", mode="before")
+    @field_validator("guarded", "peek", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         if isinstance(v, str):  # env: ADASPEC_CONTROLLER_GUARDED=adaptive,adaptive-2 (or a JSON list)

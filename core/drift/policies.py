@@ -57,6 +57,8 @@ class TimedPolicy:
         self.trim = self._trim if trim is not None else None
         if getattr(inner, "finish", None) is None:
             self.finish = None  # type: ignore[assignment]
+        self.peek = getattr(inner, "peek", None)
+        self.peek_k = getattr(inner, "peek_k", 0)
 
     def plan(self, requests: Sequence) -> list:
         t0 = time.perf_counter()
@@ -68,6 +70,11 @@ class TimedPolicy:
     def feedback(self, records: Sequence) -> None:
         t0 = time.perf_counter()
         self.inner.feedback(records)
+        self.seconds += time.perf_counter() - t0
+
+    def peeked(self, drafter, requests, drafts) -> None:
+        t0 = time.perf_counter()
+        self.inner.peeked(drafter, requests, drafts)  # type: ignore[attr-defined]
         self.seconds += time.perf_counter() - t0
 
     def _trim(self, request, drafter, draft) -> int:

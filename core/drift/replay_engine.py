@@ -68,9 +68,10 @@ class TraceEngine(SpecEngine):
             raise RequestError(f"trace lacks layers {self.hidden_layers} (has {trace.layers})") from None
 
     def _step(self, states: list[RequestState], kv, params: SamplingParams, policy: Policy, prefill: bool) -> None:
-        plans = policy.plan(states)
         kv_lens = [len(st.spec.prompt) + len(st.output) - len(st.pending) for st in states]
-        drafts, names, draft_s = self._draft(states, plans, kv_lens, policy)
+        plans, peeked, peek_s = self._plan(states, kv_lens, policy, prefill)
+        drafts, names, draft_s = self._draft(states, plans, kv_lens, policy, peeked)
+        draft_s += peek_s
         B = len(states)
         t0 = time.perf_counter()
         verify_s = self.verify_time(sum(len(st.pending) + len(d.tokens) for st, d in zip(states, drafts)), B)

@@ -246,16 +246,46 @@ class SpecEngine:
         room = self.target.context_len - kv_len - len(st.pending)
         return max(0, min(k, budget, room))
 
+    def _plan(
+        self, states: Sequence[RequestState], kv_lens: Sequence[int], policy: Policy, prefill: bool
+    ) -> tuple[list[Plan], dict[str, list[Draft]], float]:
+        """The policy's plans; first, for a policy that peeks, the cheap drafters' proposals for every request.
+
+        A policy may name drafters in `peek` (cheap ones: a suffix-tree lookup) and implement
+        `peeked(drafter, states, drafts)`: those drafters then propose `peek_k` tokens for every request before
+        planning, so the choice can read this step's actual draft confidence; a plan that picks one of them
+        reuses its proposal (no second lookup). Returns (plans, peeked drafts by drafter, peek seconds).
+        """
+        peek = getattr(policy, "peek", None)
+        peeked: dict[str, list[Draft]] = {}
+        t0 = time.perf_counter()
+        if peek and not prefill:
+            k = int(getattr(policy, "peek_k", 0))
+            views = [st.view() for st in states]
+            ks = [self._clip_k(st, k, kv_lens[i]) for i, st in enumerate(states)]
+            for name in peek:
+                drafter = self.drafters.get(name)
+                if drafter is None or not any(ks):
+                    continue
+                drafts = [d.truncated(ks[i]) if len(d.tokens) > ks[i] else d
+                          for i, d in enumerate(drafter.propose(views, ks))]
+                peeked[name] = drafts
+                policy.peeked(name, states, drafts)  # type: ignore[attr-defined]
+        peek_s = time.perf_counter() - t0
+        return policy.plan(states), peeked, peek_s
+
     def _draft(
         self,
         states: Sequence[RequestState],
         plans: Sequence[Plan],
         kv_lens: Sequence[int],
         policy: Policy | None = None,
+        peeked: dict[str, list[Draft]] | None = None,
     ) -> tuple[list[Draft], list[str | None], float]:
         """Ask each drafter, batched, for the requests assigned to it; returns drafts in request order.
 
-        A policy with a `trim` hook may shorten each proposal before it is verified (early stop).
+        A policy with a `trim` hook may shorten each proposal before it is verified (early stop). Drafters
+        already asked this step (`peeked`) are not asked again.
         """
         t0 = time.perf_counter()
         trim = getattr(policy, "trim", None)
@@ -270,7 +300,10 @@ class SpecEngine:
                     raise RequestError(f"policy chose unknown drafter {plan.drafter!r}")
                 groups.setdefault(plan.drafter, []).append(i)
         for name, idx in groups.items():
-            proposals = self.drafters[name].propose([states[i].view() for i in idx], [ks[i] for i in idx])
+            if peeked and name in peeked:
+                proposals = [peeked[name][i] for i in idx]
+            else:
+                proposals = self.drafters[name].propose([states[i].view() for i in idx], [ks[i] for i in idx])
             for i, d in zip(idx, proposals):
                 if len(d.tokens) > ks[i]:
                     d = d.truncated(ks[i])
@@ -292,9 +325,10 @@ class SpecEngine:
     ) -> None:
         """One target forward for `states` (a prefill of new requests or a decode step of the running batch)."""
         device = self.target.device
-        plans = policy.plan(states)
         kv_lens = kv.lengths.tolist() if kv.batch_size else [0] * len(states)
-        drafts, names, draft_s = self._draft(states, plans, kv_lens, policy)
+        plans, peeked, peek_s = self._plan(states, kv_lens, policy, prefill)
+        drafts, names, draft_s = self._draft(states, plans, kv_lens, policy, peeked)
+        draft_s += peek_s
 
         B = len(states)
         chunks = [st.pending + d.tokens for st, d in zip(states, drafts)]

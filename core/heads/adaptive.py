@@ -78,6 +78,37 @@ def features_from_stream(
     return AdaptiveFeatures(hidden[t], tok[t + 1]), targets
 
 
+@torch.no_grad()
+def distill_targets(
+    hidden: Tensor, targets: Tensor, lm_head_weight: Tensor, topk: int = 32, first: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The target's own top-k logits for every (sample, unroll step) of one stream's `features_from_stream`.
+
+    Free soft labels: the target's distribution over token t+2+j is its LM head on h_{t+1+j}, a row of the same
+    stream's hidden states (which the logs already carry). hidden [T, d] (the stream's rows, sample t = row t),
+    targets [N, U] from `features_from_stream(..., first)` (sample i = row first + i). Where h_{t+1+j} is not in the stream (the last
+    emitted tokens), the label is the hard target (one-hot). Returns (ids, logits), each [N, U, topk], for
+    `AdaptiveHead.loss(..., target_topk_logits=...)`.
+    """
+    N, U = targets.shape
+    ids = torch.zeros(N, U, topk, dtype=torch.long)
+    logits = torch.full((N, U, topk), -1e4)
+    if N == 0:
+        return ids, logits
+    full = hidden.float() @ lm_head_weight.float().T  # row r -> the target's logits for the token at r + 1
+    rows = torch.arange(N) + first
+    for j in range(U):
+        src = rows + 1 + j
+        have = src < hidden.shape[0]
+        v, i = full[src.clamp(max=hidden.shape[0] - 1)].topk(topk, -1)
+        ids[:, j], logits[:, j] = i, v
+        hard = ~have
+        ids[hard, j, 0] = targets[hard, j].clamp(min=0)
+        logits[hard, j, 0] = 0.0
+        logits[hard, j, 1:] = -1e4
+    return ids, logits
+
+
 class AdaptiveHead(nn.Module):
     """MLP over [h, embed(token)] -> residual hidden -> the target's frozen LM head."""
 
