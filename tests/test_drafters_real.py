@@ -17,16 +17,17 @@ from adaspec.core.drift.replay_engine import TraceEngine
 from adaspec.core.drift.traces import TraceStore, trace_layers
 from adaspec.core.engine.engine import FixedPolicy, RequestSpec
 from adaspec.core.engine.sampling import SamplingParams
-from adaspec.core.heads.adaptive import AdaptiveFeatures, AdaptiveHead
+from adaspec.core.heads.adaptive import AdaptiveFeatures, AdaptiveHead, distill_targets
 
 pytestmark = pytest.mark.model
 
 NEW_TOKENS = 128
 #: Measured with the shipped head: 1.310 (MODEL_CARD.md, docs/results-cpu.md); the issue's goal is 2.5.
 STATIC_MT_BENCH_TAU = 1.30
-#: Measured: +26.2% (tau 1.003 -> 1.266) after learn() on 2,000 code_edit tokens, 1 thread; the goal is 0.30.
-#: The bar sits 1.2 points under the measurement for float differences across thread counts.
-ADAPTIVE_GAIN = 0.25
+#: The issue's goal. Measured: +33.0% (tau 1.003 -> 1.334) after 14 passes of learn() over 2,000 code_edit
+#: tokens with the target's top-32 logits as labels, 1 thread (one-hot labels: +26.2%).
+ADAPTIVE_GAIN = 0.30
+ADAPTIVE_LR, ADAPTIVE_DECAY, ADAPTIVE_EPOCHS = 1e-3, 0.8, 14
 
 
 def replay_tau(target, drafter, name, prompts, traces, k, new_tokens=NEW_TOKENS, batch_size=4):
@@ -57,25 +58,36 @@ def test_static_head_tau_on_mt_bench(real_runtime, real_settings, store, data_di
 
 
 def test_adaptive_head_learns_a_domain(real_runtime, real_settings, store, data_dir):
-    """learn() on 2,000 tokens of code_edit lifts tau on unseen code_edit prompts over the starting point."""
+    """learn() on 2,000 tokens of code_edit lifts tau on unseen code_edit prompts over the starting point.
+
+    The labels are the target's own top-32 logits at each position (`distill_targets`: its LM head on the logged
+    hidden state of the next position), which carry far more than the one token it emitted."""
     target = real_runtime.target
     train_p, train_t = traces_for(store, real_runtime, real_settings, data_dir / "code_edit.jsonl", 24)
     held_p, held_t = traces_for(store, real_runtime, real_settings, data_dir / "code_edit.jsonl", 12, offset=40)
     torch.manual_seed(0)
-    head = AdaptiveHead.for_target(target, inner_size=1024, seed=0, lr=1e-3)
+    head = AdaptiveHead.for_target(target, inner_size=1024, seed=0, lr=ADAPTIVE_LR, step_decay=ADAPTIVE_DECAY)
     drafter = AdaptiveDrafter(head, collect=1_000_000, unroll=3)
     before = replay_tau(target, drafter, "adaptive", held_p, held_t, k=4)
     drafter.take_experience()  # nothing from the held-out prompts is trained on
+    streams: list = []
+    drafter.on_experience = lambda rid, f, y: streams.append(
+        (f, y, distill_targets(f.hidden, y, head.lm_head_weight, topk=32)))
     replay_tau(target, drafter, "adaptive", train_p, train_t, k=4)
-    feats, targets = drafter.take_experience()
-    assert len(feats) >= 2000
-    feats, targets = AdaptiveFeatures(feats.hidden[:2000], feats.tokens[:2000]), targets[:2000]
+    n = 2000
+    hidden = torch.cat([f.hidden for f, _, _ in streams])
+    assert len(hidden) >= n
+    tokens = torch.cat([f.tokens for f, _, _ in streams])[:n]
+    targets = torch.cat([y for _, y, _ in streams])[:n]
+    ids = torch.cat([s[0] for _, _, s in streams])[:n]
+    logits = torch.cat([s[1] for _, _, s in streams])[:n]
+    hidden = hidden[:n]
     gen = torch.Generator().manual_seed(0)
-    for _ in range(6):
-        perm = torch.randperm(2000, generator=gen)
-        for i in range(0, 2000, 128):
+    for _ in range(ADAPTIVE_EPOCHS):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, 128):
             idx = perm[i : i + 128]
-            head.learn(AdaptiveFeatures(feats.hidden[idx], feats.tokens[idx]), targets[idx])
+            head.learn(AdaptiveFeatures(hidden[idx], tokens[idx]), targets[idx], (ids[idx], logits[idx]))
     after = replay_tau(target, drafter, "adaptive", held_p, held_t, k=4)
     gain = after / before - 1.0
     print(f"adaptive head on unseen code_edit: tau {before:.3f} -> {after:.3f} ({gain:+.1%})")

@@ -17,7 +17,14 @@ from adaspec.core.drafters.none import NoneDrafter
 from adaspec.core.engine.engine import FixedPolicy, Plan, SpecEngine
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads import sglang_eagle3_format as fmt
-from adaspec.core.heads.adaptive import AdaptiveHead, features_from_stream, load_adaptive, save_adaptive
+from adaspec.core.heads.adaptive import (
+    IGNORE,
+    AdaptiveHead,
+    distill_targets,
+    features_from_stream,
+    load_adaptive,
+    save_adaptive,
+)
 from adaspec.core.heads.eagle3 import Eagle3Head
 from adaspec.core.heads.export_sglang import CONFIG_FILE, check_export, export_sglang, load_sglang
 from adaspec.core.target import Target
@@ -190,6 +197,32 @@ def test_features_from_stream_alignment():
     assert feats.hidden[:, 0].tolist() == [1, 2, 3]
     assert feats.tokens.tolist() == [12, 13, 14]
     assert tgt.tolist() == [[13, 14], [14, 15], [15, -100]]
+
+
+def test_distill_targets_are_the_lm_head_of_the_next_rows():
+    """Soft label of sample t, unroll step j = the LM head on row t+1+j; past the stream's rows, the hard target."""
+    torch.manual_seed(0)
+    T, d, V, U = 7, 8, 20, 3
+    lm_head = torch.randn(V, d)
+    hidden = torch.randn(T, d)
+    greedy = (hidden @ lm_head.T).argmax(-1)  # row r's argmax is "the token at r + 1"
+    tokens = torch.cat([torch.tensor([5]), greedy])  # a greedy stream: token r+1 = argmax of row r
+    feats, targets = features_from_stream(hidden, tokens, unroll=U)
+    ids, logits = distill_targets(hidden, targets, lm_head, topk=4)
+    assert ids.shape == logits.shape == (T - 1, U, 4)
+    for t in range(T - 1):
+        for j in range(U):
+            if targets[t, j] == IGNORE:
+                continue
+            assert ids[t, j, 0] == targets[t, j]  # on a greedy stream the top soft label is the hard one
+            if t + 1 + j < T:
+                top = (hidden[t + 1 + j] @ lm_head.T).topk(4)
+                assert torch.equal(ids[t, j], top.indices) and torch.allclose(logits[t, j], top.values)
+            else:
+                assert logits[t, j, 1:].max() < -1e3  # one-hot on the hard target
+    _, late = features_from_stream(hidden, tokens, unroll=U, first=2)  # sample i is row first + i
+    late_ids, _ = distill_targets(hidden, late, lm_head, topk=4, first=2)
+    assert torch.equal(late_ids, ids[2:])
 
 
 def test_state_dict_round_trip(target):
