@@ -209,6 +209,25 @@ class AtlasRuntime:
                 obs = [Observation(r.request_id, list(r.prompt), None, int(nxt[i])) for i, r in enumerate(rows)]
                 self.observe_hidden(obs, hidden)
 
+    def _peek(self, plan_rows: list, reqs: list, max_steps: int) -> dict[str, list[Draft]]:
+        """The policy's cheap drafters (`peek`, the suffix tree) propose for every row before planning, so the
+        choice reads each row's actual draft confidence (`AtlasPolicy.peeked`)."""
+        peek = getattr(self.policy, "peek", None)
+        out: dict[str, list[Draft]] = {}
+        if not peek or not plan_rows:
+            return out
+        k = min(int(getattr(self.policy, "peek_k", 0)), max_steps)
+        if k <= 0:
+            return out
+        for name in peek:
+            drafter = self.drafters.get(name)
+            if drafter is None:
+                continue
+            drafts = [d.truncated(k) if len(d.tokens) > k else d for d in drafter.propose(reqs, [k] * len(reqs))]
+            out[name] = drafts
+            self.policy.peeked(name, plan_rows, drafts)
+        return out
+
     def plan(self, rows: Sequence[ReqView]) -> StepPlan:
         """Decide this decode step: drafter/k per request, the CPU chains, the batch's step count."""
         rows = list(rows)
@@ -216,8 +235,11 @@ class AtlasRuntime:
         self.sync(rows)
         self.step += 1
         t0 = self.clock()
-        plans: list[Plan] = list(self.policy.plan([_PlanRow(r) for r in rows]))
         max_steps = self.candidates[-1]
+        plan_rows = [_PlanRow(r) for r in rows]
+        reqs = [r.draft_request() for r in rows]
+        peeked = self._peek(plan_rows, reqs, max_steps)
+        plans: list[Plan] = list(self.policy.plan(plan_rows))
         names: list[str | None] = [None] * len(rows)
         ks = [0] * len(rows)
         chains: list[Draft | None] = [Draft() for _ in rows]
@@ -233,9 +255,12 @@ class AtlasRuntime:
                 groups.setdefault(p.drafter, []).append(i)
         trim = getattr(self.policy, "trim", None)
         for name, idx in groups.items():
-            reqs = [rows[i].draft_request() for i in idx]
-            proposals = self.drafters[name].propose(reqs, [ks[i] for i in idx])
-            for i, req, d in zip(idx, reqs, proposals):
+            group_reqs = [reqs[i] for i in idx]
+            if name in peeked:  # proposed before planning: not asked twice
+                proposals = [peeked[name][i] for i in idx]
+            else:
+                proposals = self.drafters[name].propose(group_reqs, [ks[i] for i in idx])
+            for i, req, d in zip(idx, group_reqs, proposals):
                 if len(d.tokens) > ks[i]:
                     d = d.truncated(ks[i])
                 if trim is not None and d.tokens:

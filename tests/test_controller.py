@@ -343,6 +343,35 @@ def test_atlas_drives_the_real_engine_losslessly(tiny_target):
     assert policy.calibrators[0].evidence > 0
 
 
+def test_peeking_in_the_engine_is_lossless_and_asks_the_cheap_drafter_once_per_step(tiny_target):
+    from adaspec.core.drafters.prompt_lookup import PromptLookupDrafter
+    from adaspec.core.engine.engine import SpecEngine
+    from adaspec.core.engine.sampling import SamplingParams
+
+    target = dataclasses.replace(tiny_target, eos_token_ids=frozenset())
+    rng = random.Random(1)
+    prompts = [[1] + [rng.randrange(3, 97) for _ in range(10)] * 3 for _ in range(3)]
+    params = SamplingParams(max_new_tokens=24)
+    ref = SpecEngine(target, [PromptLookupDrafter(1, 3)], batch_size=3).generate(prompts, params, FixedPolicy(None, 0))
+
+    class Counting(PromptLookupDrafter):
+        calls = 0
+
+        def propose(self, reqs, ks):
+            Counting.calls += 1
+            return super().propose(reqs, ks)
+
+    policy = AtlasPolicy(["prompt-lookup"], ControllerSettings(guarded=(), peek=("prompt-lookup",),
+                                                               peek_min_evidence=0, verify_fixed_s=1.0))
+    assert policy.peek == ("prompt-lookup",)
+    eng = SpecEngine(target, [Counting(1, 3)], batch_size=3)
+    out = eng.generate(prompts, params, policy)
+    assert [r.output_tokens for r in out] == [r.output_tokens for r in ref]
+    decode_steps = len({rec.step for r in out for rec in r.records if not rec.prefill})
+    assert Counting.calls == decode_steps  # the plan reuses the peeked proposal
+    assert any(rec.drafter == "prompt-lookup" and rec.accepted for r in out for rec in r.records)
+
+
 # -- baselines -------------------------------------------------------------------------------------------------------
 
 

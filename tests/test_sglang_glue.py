@@ -136,6 +136,34 @@ def test_plan_without_static_rows_skips_eagle_and_trims():
     assert plan.drafters == ["suffix", None]
 
 
+class PeekingPolicy(ScriptedPolicy):
+    """Peeks the suffix drafter (as AtlasPolicy does) and records what it saw before planning."""
+
+    peek, peek_k = ("suffix",), 6
+
+    def peeked(self, drafter, rows, drafts):
+        self.seen = (drafter, [r.spec.request_id for r in rows], [list(d.tokens) for d in drafts])
+
+
+def test_peeked_drafts_reach_the_policy_before_planning_and_are_not_proposed_twice():
+    events = []
+    pol = PeekingPolicy({"a": Plan("suffix", 2), "b": Plan(STATIC, 2)})
+    suf = FakeDrafter("suffix", {"a": Draft([5, 6, 7, 8, 9, 10, 11], [0.9] * 7)}, events)
+    rt = AtlasRuntime(pol, {"suffix": suf}, [0, 1, 2, 4])
+    plan = rt.plan([rv("a"), rv("b")])
+    assert pol.seen == ("suffix", ["a", "b"], [[5, 6, 7, 8], []])  # cut to the largest step candidate
+    assert events == [("propose", "suffix")]  # one lookup per step, reused by the plan
+    assert plan.chain_tokens()[0] == [5, 6] and plan.drafters == ["suffix", STATIC]
+
+
+def test_atlas_policy_peeks_through_the_runtime():
+    suf = FakeDrafter("suffix", {"a": Draft([5, 6, 7], [0.99] * 3)})
+    pol = AtlasPolicy(["suffix"], ControllerSettings(peek_min_evidence=0, explore_every=0))
+    rt = AtlasRuntime(pol, {"suffix": suf}, [0, 1, 3], static=False)
+    plan = rt.plan([rv("a"), rv("b")])
+    assert plan.drafters == ["suffix", None]  # b's suffix lookup came back empty: nothing to gain
+
+
 def test_plan_with_nothing_to_draft_runs_zero_steps():
     rt = AtlasRuntime(ScriptedPolicy({}), {}, [0, 1, 3])
     plan = rt.plan([rv("a")])
