@@ -14,6 +14,15 @@ from adaspec.core.target import Target
 from tiny_models import make_tiny_target
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core box OpenMP spinning costs 10-100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_target() -> Target:
     return make_tiny_target()

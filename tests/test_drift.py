@@ -22,17 +22,11 @@ from adaspec.core.engine.engine import FixedPolicy, RequestSpec, SpecEngine
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.errors import RequestError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 97
 COSTS = StepCosts(a=0.03, b=0.004, c=0.001, draft={"noisy-oracle": 1e-4, "suffix": 2e-5, "static": 3e-3,
                                                      "adaptive": 2e-3})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

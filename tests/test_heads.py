@@ -30,21 +30,14 @@ from adaspec.core.heads.export_sglang import CONFIG_FILE, check_export, export_s
 from adaspec.core.target import Target
 from adaspec.core.train_static import DistillData, StaticTrainArgs, StaticTrainer, train_static
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 97
 
 
 def prompts_for(n: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[1] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(3, 16))] for _ in range(n)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core box OpenMP spinning costs 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
