@@ -71,6 +71,24 @@ def test_windows_tau_and_recovery():
     assert recovery(_outs([1, 1, 1, 1, 1, 1, 1, 5]), smooth=1) == 8  # never there before the last
 
 
+def test_checks_on_tau_and_on_modeled_speed_can_disagree():
+    """ATLAS drafting less than fixed-k static: lower tau, but less time for the same tokens."""
+    from adaspec.core.drift.bench import acceptance
+
+    def pol(tau, modeled):
+        return {"tau": tau, "modeled_s": 2 * modeled, "windows": [tau, tau], "windows_modeled_s": [modeled, modeled],
+                "phases": {p: {"tau": tau, "modeled_s": modeled} for p in ("a", "b")}}
+
+    out = {"controller_us_per_request_step": 10.0,
+           "policies": {"static": pol(1.30, 10.0), "suffix": pol(1.10, 9.9), "atlas": pol(1.25, 8.0),
+                        "sglang-ema": pol(1.2, 9.5)}}
+    acc = acceptance(out, ["a", "b"])
+    assert acc["atlas_vs_static_min_window"] == pytest.approx(1.25 / 1.30) and not acc["pass"]["every_window_ge_1.0x"]
+    gp = acc["goodput"]
+    assert gp["atlas_vs_static_min_window"] == pytest.approx(10.0 / 8.0) and gp["pass"]["every_window_ge_1.0x"]
+    assert gp["atlas_vs_best_single_min_phase"] == pytest.approx(9.9 / 8.0) and gp["pass"]["beats_sglang_ema"]
+
+
 def test_verify_fit_recovers_linear_costs():
     samples = [(t, b, 0.01 + 0.002 * t + 0.0005 * b) for t in (1, 4, 8, 16, 28) for b in (1, 4)]
     a, b, c = _fit_verify(samples)
@@ -182,6 +200,8 @@ def test_cli_drift_json_plot_and_live_sidecar(data_dir, tmp_path):
         assert set(pol["phases"]) == {"chat", "code"} and len(pol["windows"]) == 2 and pol["tau"] >= 1.0
         assert all(p["tau"] >= 1.0 for p in pol["phases"].values())
     assert d["controller_us_per_request_step"] > 0 and all(d["identical_outputs"].values())
+    assert all(len(p["windows_modeled_s"]) == 2 for p in d["policies"].values())
+    assert set(d["acceptance"]["goodput"]["pass"]) == set(d["acceptance"]["pass"])
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     live = tmp_path / "live.json"
     r = subprocess.run([*common, "--live", "--sidecar", "--policy", "none", "--policy", "adaptive", "--json",

@@ -9,8 +9,9 @@ live and replay decide identically.
 
 JSON keys (stable; tools read them): `policies.<name>.tau`, `policies.<name>.phases.<phase>.tau`,
 `policies.<name>.windows` (tau per consecutive `window`-request window), `controller_us_per_request_step`,
-plus `policies.<name>.phases.<phase>.{modeled_speedup,wall_tok_s,recovery_requests}`, `stream`, `costs`,
-`acceptance` (the issue's checks, computed).
+plus `policies.<name>.phases.<phase>.{modeled_s,modeled_speedup,wall_tok_s,recovery_requests}`,
+`policies.<name>.windows_modeled_s`, `stream`, `costs`, `acceptance` (the issue's checks on tau, computed) and
+`acceptance.goodput` (the same checks on modeled speed).
 """
 
 from __future__ import annotations
@@ -146,4 +147,28 @@ def acceptance(out: dict[str, Any], labels: list[str]) -> dict[str, Any]:
             "within_3pct_of_best_single": res["atlas_vs_best_single_min_phase"] >= 0.97,
             "beats_sglang_ema": res.get("atlas_minus_sglang_ema_tau", 1.0) > 0.0,
         }
+        res["goodput"] = goodput_checks(pol, labels, singles)
     return res
+
+
+def goodput_checks(pol: dict[str, Any], labels: list[str], singles: list[str]) -> dict[str, Any]:
+    """The same checks on modeled speed (what the controller maximises) instead of tau: ratios of modeled time
+    on identical requests. A controller that stops drafting where a token no longer pays gives up some tau
+    for speed, so the two sets can disagree."""
+    a, s = pol["atlas"], pol["static"]
+    later = labels[1:] or labels
+    t = {n: {p: pol[n]["phases"][p]["modeled_s"] for p in labels} for n in pol}
+    out: dict[str, Any] = {
+        "atlas_vs_static_later_phases": sum(t["static"][p] / t["atlas"][p] for p in later) / len(later),
+        "atlas_vs_static_min_window": min(y / x for x, y in zip(a["windows_modeled_s"], s["windows_modeled_s"])),
+        "atlas_vs_best_single_min_phase": min(min(t[n][p] for n in singles) / t["atlas"][p] for p in labels),
+    }
+    if "sglang-ema" in pol:
+        out["atlas_vs_sglang_ema"] = pol["sglang-ema"]["modeled_s"] / a["modeled_s"]
+    out["pass"] = {
+        "later_phases_ge_1.5x": out["atlas_vs_static_later_phases"] >= 1.5,
+        "every_window_ge_1.0x": out["atlas_vs_static_min_window"] >= 1.0,
+        "within_3pct_of_best_single": out["atlas_vs_best_single_min_phase"] >= 0.97,
+        "beats_sglang_ema": out.get("atlas_vs_sglang_ema", 2.0) > 1.0,
+    }
+    return out

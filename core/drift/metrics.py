@@ -74,6 +74,13 @@ def windows(outs: Sequence[RequestOutcome], size: int) -> list[float]:
     return [tau_of(ordered[i : i + size]) for i in range(0, len(ordered), size)]
 
 
+def window_times(outs: Sequence[RequestOutcome], size: int) -> list[float]:
+    """Modeled seconds of the same windows as `windows` (equal requests and tokens across policies, so a ratio
+    of two policies' window times is their speed ratio on that window)."""
+    ordered = sorted(outs, key=lambda o: o.index)
+    return [sum(o.modeled_s for o in ordered[i : i + size]) for i in range(0, len(ordered), size)]
+
+
 def recovery(phase_outs: Sequence[RequestOutcome], smooth: int = 4) -> int:
     """Requests until the rolling tau reaches RECOVERY_FRACTION of the phase plateau (see module doc)."""
     ordered = sorted(phase_outs, key=lambda o: o.index)
@@ -116,6 +123,7 @@ def summarize(outs: Sequence[RequestOutcome], phases: Sequence[str], window: int
         else None,
         "phases": out_phases,
         "windows": windows(outs, window),
+        "windows_modeled_s": window_times(outs, window),
         "per_request_tau": [o.tau for o in sorted(outs, key=lambda o: o.index)],
     }
 

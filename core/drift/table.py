@@ -50,7 +50,11 @@ def print_drift(result: dict[str, Any], console: Console) -> None:
         if key in acc:
             console.print(f"{key}: {acc[key]:.3f}")
     if "pass" in acc:
-        console.print("checks: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in acc["pass"].items()))
+        console.print("checks (tau): " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in acc["pass"].items()))
+    gp = acc.get("goodput")
+    if gp:
+        console.print("on modeled speed: " + ", ".join(f"{k} {v:.3f}" for k, v in gp.items() if k != "pass"))
+        console.print("checks (speed): " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in gp["pass"].items()))
     if "sidecar" in result:
         sc = result["sidecar"]
         console.print(f"sidecar: versions applied {sc['versions_applied']}, logs dropped {sc['logs_dropped']}")
