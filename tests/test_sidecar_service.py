@@ -93,11 +93,9 @@ def test_online_loop_versions_rise_swaps_between_steps_outputs_stay_greedy(targe
     engine.step_listeners.append(lambda recs: at_end.__setitem__(engine.step_count, online.version))
     try:
         assert online.wait_synced(10)
-        for wave in range(8):
+        for wave in range(8):  # every wave: how far it learns must not depend on how fast versions come
             engine.generate(stream(tmpls, 8, seed=wave), PARAMS, FixedPolicy("adaptive", 3))
             _wait(lambda: running.svc.trainer.updates >= 4 * (wave + 1), timeout=10)
-            if online.version >= 3 and wave >= 3:
-                break
         running.svc.stop()  # no more versions: the probe measures one
         running.thread.join(30)
         assert _wait(lambda: online.stager.newest_version() == running.svc.serving_version)
