@@ -73,5 +73,6 @@ def test_never_heard_from_means_unavailable_and_listeners_cannot_break_serving()
 def test_policies_without_availability_are_left_alone():
     from adaspec.core.engine.engine import FixedPolicy
 
-    guard = LinkGuard(FakeSubscriber(), ["adaptive"], 1.0, registry=CollectorRegistry()).attach(FixedPolicy("adaptive", 3))
+    guard = LinkGuard(FakeSubscriber(), ["adaptive"], 1.0, registry=CollectorRegistry())
+    guard.attach(FixedPolicy("adaptive", 3))
     assert guard.listeners == [] and guard.check() is False

@@ -155,7 +155,8 @@ def test_engine_and_sidecar_processes_learn_swap_survive_kill_and_restart(target
         # request-steps decode plainly, as they would with no adaptive drafter at all)
         assert sum(x.drafter == "static" for x in after) >= len(after) // 4
         used = Counter(x.drafter for r in atlas_results for x in r.records)
-        print(f"ATLAS pass drafters {dict(used)}; killed after step {killed['at']}, fell back after step {fell_back_at[0]} "
+        print(f"ATLAS pass drafters {dict(used)}; killed after step {killed['at']}, "
+              f"fell back after step {fell_back_at[0]} "
               f"({len(after)} request-steps after it)")
 
         # -- restart: resumes from its checkpoint; the engine converges on the version it serves ------------------

@@ -29,8 +29,8 @@ is only a candidate once its calibrator has enough evidence and its recent expec
 global EMA) is not below the fallback's ("static"); otherwise it is excluded and the remaining drafters
 (static, when it is the best of them) take over. A drafter unused for `explore_every` steps gets short drafts
 on a deterministic schedule so its calibration keeps learning. A drafter made unavailable from outside
-(`set_available`; the online-learned one while its sidecar is silent) is neither planned nor explored. Nothing here is random: equal inputs give equal
-plans (the seed only shifts the exploration rotation).
+(`set_available`; the online-learned one while its sidecar is silent) is neither planned nor explored.
+Nothing here is random: equal inputs give equal plans (the seed only shifts the exploration rotation).
 """
 
 from __future__ import annotations

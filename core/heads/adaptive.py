@@ -85,9 +85,9 @@ def distill_targets(
     """The target's own top-k logits for every (sample, unroll step) of one stream's `features_from_stream`.
 
     Free soft labels: the target's distribution over token t+2+j is its LM head on h_{t+1+j}, a row of the same
-    stream's hidden states (which the logs already carry). hidden [T, d] (the stream's rows, sample t = row t),
-    targets [N, U] from `features_from_stream(..., first)` (sample i = row first + i). Where h_{t+1+j} is not in the stream (the last
-    emitted tokens), the label is the hard target (one-hot). Returns (ids, logits), each [N, U, topk], for
+    stream's hidden states (which the logs already carry). hidden [T, d] (the stream's rows), targets [N, U] from
+    `features_from_stream(..., first)` (sample i = row first + i). Where h_{t+1+j} is not in the stream (the
+    last emitted tokens), the label is the hard target (one-hot). Returns (ids, logits), each [N, U, topk], for
     `AdaptiveHead.loss(..., target_topk_logits=...)`.
     """
     N, U = targets.shape
