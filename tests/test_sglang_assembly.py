@@ -93,6 +93,11 @@ def test_logs_reach_the_sidecar_socket_and_weights_swap_in_at_batch_start(tmp_pa
         assert float(head_mod.up.weight.detach()[0, 0]) != 0.5  # staged only: nothing changes mid-step
         assert rt.begin_batch() > 0.0
         assert float(head_mod.up.weight.detach()[0, 0]) == 0.5 and head_mod.up.weight.data_ptr() == ptr
+        # the update was word from the sidecar: the link guard (checked at batch start) keeps adaptive available
+        assert rt.link is not None and rt.link.up and rt.policy.available[rt.policy.index["adaptive"]]
+        rt.link.subscriber.last_contact -= 3600  # an hour of silence: the controller falls back to static
+        rt.begin_batch()
+        assert not rt.link.up and not rt.policy.available[rt.policy.index["adaptive"]]
         rt.policy.plan = lambda rows: [Plan(STATIC, 2) for _ in rows]
         plan = rt.plan([ReqView("r1", "acme", [1, 2, 3], [4], 50)])
         hidden = torch.randn(3, D)
