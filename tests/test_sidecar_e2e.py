@@ -157,7 +157,7 @@ def test_engine_and_sidecar_processes_learn_swap_survive_kill_and_restart(target
         used = Counter(x.drafter for r in atlas_results for x in r.records)
         print(f"ATLAS pass drafters {dict(used)}; killed after step {killed['at']}, "
               f"fell back after step {fell_back_at[0]} "
-              f"({len(after)} request-steps after it)")
+              f"({len(after)} request-steps after it, {sum(x.drafter == 'static' for x in after)} drafted by static)")
 
         # -- restart: resumes from its checkpoint; the engine converges on the version it serves ------------------
         held = online.stager.newest_version()
