@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from adaspec.core.drafters.base import Draft, Drafter, DraftRequest, Observation
-from adaspec.core.engine.engine import Plan, StepRecord
+from adaspec.core.engine.engine import Plan, StepRecord, peek_drafts
 from adaspec.sglang_ext.chain import batch_steps
 from adaspec.sglang_ext.logs import StepLogs
 
@@ -212,21 +212,10 @@ class AtlasRuntime:
     def _peek(self, plan_rows: list, reqs: list, max_steps: int) -> dict[str, list[Draft]]:
         """The policy's cheap drafters (`peek`, the suffix tree) propose for every row before planning, so the
         choice reads each row's actual draft confidence (`AtlasPolicy.peeked`)."""
-        peek = getattr(self.policy, "peek", None)
-        out: dict[str, list[Draft]] = {}
-        if not peek or not plan_rows:
-            return out
-        k = min(int(getattr(self.policy, "peek_k", 0)), max_steps)
-        if k <= 0:
-            return out
-        for name in peek:
-            drafter = self.drafters.get(name)
-            if drafter is None:
-                continue
-            drafts = [d.truncated(k) if len(d.tokens) > k else d for d in drafter.propose(reqs, [k] * len(reqs))]
-            out[name] = drafts
-            self.policy.peeked(name, plan_rows, drafts)
-        return out
+        if not getattr(self.policy, "peek", None):
+            return {}
+        k = max(0, min(int(getattr(self.policy, "peek_k", 0)), max_steps))
+        return peek_drafts(self.policy, self.drafters, plan_rows, reqs, [k] * len(reqs))
 
     def plan(self, rows: Sequence[ReqView]) -> StepPlan:
         """Decide this decode step: drafter/k per request, the CPU chains, the batch's step count."""

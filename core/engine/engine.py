@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -137,6 +137,26 @@ class GenerationResult:
         return len(self.output_tokens) / max(1, self.target_forwards)
 
 
+def peek_drafts(
+    policy: Any, drafters: Mapping[str, Drafter], rows: Sequence[Any], requests: Sequence[DraftRequest],
+    ks: Sequence[int],
+) -> dict[str, list[Draft]]:
+    """Each drafter the policy peeks (`policy.peek`) proposes up to ks[i] tokens for every row; the policy sees
+    them (`policy.peeked(name, rows, drafts)`) before it plans. Shared by this engine and the SGLang runtime."""
+    out: dict[str, list[Draft]] = {}
+    if not any(ks):
+        return out
+    for name in getattr(policy, "peek", None) or ():
+        drafter = drafters.get(name)
+        if drafter is None:
+            continue
+        drafts = [d.truncated(ks[i]) if len(d.tokens) > ks[i] else d
+                  for i, d in enumerate(drafter.propose(requests, ks))]
+        out[name] = drafts
+        policy.peeked(name, rows, drafts)
+    return out
+
+
 class SpecEngine:
     """Batched speculative decoding over one target model with a set of named drafters."""
 
@@ -256,21 +276,12 @@ class SpecEngine:
         planning, so the choice can read this step's actual draft confidence; a plan that picks one of them
         reuses its proposal (no second lookup). Returns (plans, peeked drafts by drafter, peek seconds).
         """
-        peek = getattr(policy, "peek", None)
         peeked: dict[str, list[Draft]] = {}
         t0 = time.perf_counter()
-        if peek and not prefill:
+        if getattr(policy, "peek", None) and not prefill:
             k = int(getattr(policy, "peek_k", 0))
-            views = [st.view() for st in states]
             ks = [self._clip_k(st, k, kv_lens[i]) for i, st in enumerate(states)]
-            for name in peek:
-                drafter = self.drafters.get(name)
-                if drafter is None or not any(ks):
-                    continue
-                drafts = [d.truncated(ks[i]) if len(d.tokens) > ks[i] else d
-                          for i, d in enumerate(drafter.propose(views, ks))]
-                peeked[name] = drafts
-                policy.peeked(name, states, drafts)  # type: ignore[attr-defined]
+            peeked = peek_drafts(policy, self.drafters, states, [st.view() for st in states], ks)
         peek_s = time.perf_counter() - t0
         return policy.plan(states), peeked, peek_s
 
