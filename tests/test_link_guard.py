@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from adaspec.core.bench_controller import SyntheticLoad
 from adaspec.core.controller import AtlasPolicy, ControllerSettings
 from adaspec.core.link_guard import LinkGuard
-from test_controller import STATIC_ADAPTIVE, run
+from test_controller import STATIC_ADAPTIVE, run, state
 
 
 class FakeSubscriber:
@@ -68,6 +68,16 @@ def test_never_heard_from_means_unavailable_and_listeners_cannot_break_serving()
     assert not any(r.drafter == "adaptive" for r in recs)
     sub.last_contact = time.monotonic()
     assert guard.check() is True and policy.available == [True, True]
+
+
+def test_an_unguarded_drafter_comes_back_when_available_again():
+    policy = AtlasPolicy(["static", "suffix"], ControllerSettings(guarded=(), explore_every=0))
+    policy.set_available("suffix", False)
+    policy.plan([state("r0")])
+    assert policy.trusted == [True, False]
+    policy.set_available("suffix", True)
+    policy.plan([state("r0")])
+    assert policy.trusted == [True, True]
 
 
 def test_policies_without_availability_are_left_alone():

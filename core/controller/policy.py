@@ -185,21 +185,18 @@ class AtlasPolicy:
         d = self.index.get(drafter)
         if d is not None:
             self.available[d] = bool(available)
-            self.trusted[d] = self.trusted[d] and self.available[d]
 
     def _update_trust(self) -> None:
+        """trusted = available and, for a guarded drafter, past its evidence and keeping up with the fallback."""
         s = self.settings
         fb = self._fallback
+        self.trusted[:] = self.available
         for g in self._guarded:
             ok = self.calibrators[g].evidence >= s.guard_min_evidence
             self._short[g] = not ok
             if ok and fb is not None:
                 ok = sum(self.recent[g]) >= sum(self.recent[fb]) - s.guard_margin
-            self.trusted[g] = ok
-        avail = self.available
-        for d in range(len(avail)):
-            if not avail[d]:
-                self.trusted[d] = False
+            self.trusted[g] = ok and self.available[g]
 
     # -- peek (engine hook, before plan) -------------------------------------------------------------------------
     @property
