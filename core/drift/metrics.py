@@ -47,21 +47,17 @@ class ModeledClock:
             self.shares[(r.request_id, r.step)] = t
 
     def request_time(self, res: GenerationResult) -> float:
-        total = 0.0
-        for r in res.records:
-            t = self.shares.get((r.request_id, r.step))
-            total += self.costs.record_time(r) if t is None else t
-        return total
+        """Every record passed through the listener (the engines call it for each step, prefill included)."""
+        return sum(self.shares[(r.request_id, r.step)] for r in res.records)
 
 
-def outcome(index: int, phase: str, res: GenerationResult, costs: StepCosts,
-            clock: ModeledClock | None = None) -> RequestOutcome:
+def outcome(index: int, phase: str, res: GenerationResult, clock: ModeledClock) -> RequestOutcome:
     accepted: dict[str, int] = {}
     for r in res.records:
         if r.drafter and r.accepted:
             accepted[r.drafter] = accepted.get(r.drafter, 0) + r.accepted
-    modeled = clock.request_time(res) if clock is not None else sum(costs.record_time(r) for r in res.records)
-    return RequestOutcome(index, phase, len(res.output_tokens), res.target_forwards, modeled, res.wall_s, accepted)
+    return RequestOutcome(index, phase, len(res.output_tokens), res.target_forwards, clock.request_time(res),
+                          res.wall_s, accepted)
 
 
 def tau_of(outs: Sequence[RequestOutcome]) -> float:

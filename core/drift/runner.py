@@ -108,7 +108,7 @@ def run_policy(
         sidecar_info = online.close() if online is not None else None
     outs = []
     for req, res in zip(stream, results):
-        o = outcome(req.index, req.phase, res, costs, modeled)
+        o = outcome(req.index, req.phase, res, modeled)
         if live:
             o = RequestOutcome(o.index, o.phase, o.tokens, o.forwards, o.modeled_s,
                                clock.per_request.get(res.request_id, 0.0), o.drafter_tokens)

@@ -95,13 +95,14 @@ def distill_targets(
     logits = torch.full((N, U, topk), -1e4)
     if N == 0:
         return ids, logits
-    full = hidden.float() @ lm_head_weight.float().T  # row r -> the target's logits for the token at r + 1
+    # row r -> the target's top-k logits for the token at r + 1 (once per row; unroll steps share rows)
+    top_v, top_i = (hidden.float() @ lm_head_weight.float().T).topk(topk, -1)
     rows = torch.arange(N) + first
     for j in range(U):
         src = rows + 1 + j
         have = src < hidden.shape[0]
-        v, i = full[src.clamp(max=hidden.shape[0] - 1)].topk(topk, -1)
-        ids[:, j], logits[:, j] = i, v
+        src = src.clamp(max=hidden.shape[0] - 1)
+        ids[:, j], logits[:, j] = top_i[src], top_v[src]
         hard = ~have
         ids[hard, j, 0] = targets[hard, j].clamp(min=0)
         logits[hard, j, 0] = 0.0
