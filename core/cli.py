@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from adaspec.core.config import Settings, load_settings, settings_table
-from adaspec.core.errors import AdaspecError, ConfigError
+from adaspec.core.console import err, out, run_cli
+from adaspec.core.errors import ConfigError
 
 app = typer.Typer(
     add_completion=False,
@@ -30,8 +28,6 @@ from adaspec.sidecar.cli import app as sidecar_app  # noqa: E402  (the sidecar's
 
 app.add_typer(sidecar_app, name="sidecar")
 
-out = Console(width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, soft_wrap=True)  # never break error lines mid-word
 
 ConfigOpt = typer.Option(None, "--config", help="TOML settings file (same keys as ADASPEC_* env vars).")
 ModelOpt = typer.Option(None, "--model", help="Pinned model name or a local Hugging Face model dir.")
@@ -78,6 +74,17 @@ def drafters_cmd() -> None:
     out.print(table)
 
 
+@app.command("policies")
+def policies_cmd() -> None:
+    """List the policies (`--policy` names; the drift benchmark's JSON keys)."""
+    from adaspec.core.controller.registry import available, drafters_for
+
+    table = Table("policy", "drafters", "what it does")
+    for name, desc in available().items():
+        table.add_row(name, ", ".join(drafters_for(name)) or "-", desc)
+    out.print(table)
+
+
 @app.command("config")
 def config_cmd(config: Optional[Path] = ConfigOpt) -> None:
     """Show every setting: effective value, env var and meaning."""
@@ -103,8 +110,9 @@ def generate_cmd(
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass."),
     lookahead: Optional[int] = typer.Option(None, "--lookahead", "-k", help="Draft tokens per step."),
     policy: Optional[str] = typer.Option(
-        None, help="Controller: atlas, fixed-static, fixed-suffix, adaptive-alone, sglang-adaptive "
-        "(default: the fixed --drafter at -k)."
+        None, help="Policy by name (see `adaspec policies`: atlas, static, suffix, adaptive, sglang-ema; the "
+        "older fixed-static, fixed-suffix, adaptive-alone, sglang-adaptive still work); default: the fixed "
+        "--drafter at -k."
     ),
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as-is, without the chat template."),
@@ -214,16 +222,13 @@ def bench_speed_cmd(
     """Tokens/s and tau of plain vs speculative greedy decoding, measured side by side on real prompts."""
     import torch
 
-    from adaspec.core.bench_speed import print_speed, run_speed, write_json
-    from adaspec.core.datasets import shared_data_dir
+    from adaspec.core.bench.speed import print_speed, run_speed, write_json
+    from adaspec.core.datasets import dataset_paths
     from adaspec.core.runtime import Runtime
 
     s = _settings(config, model=model, cache_dir=cache_dir, batch_size=batch_size, lookahead=lookahead,
                   max_new_tokens=max_new_tokens, temperature=0.0)
-    paths: dict[str, Path] = {}
-    for d in dataset:
-        name, _, path = d.partition("=")
-        paths[name] = Path(path) if path else shared_data_dir() / f"{name}.jsonl"
+    paths = dataset_paths(dataset)
     rt = Runtime.load(s, drafter_names=drafter)
     rows = run_speed(rt, paths, limit, drafter, err)
     title = (f"{rt.target.name} on {rt.target.device} ({torch.get_num_threads()} threads), batch {s.batch_size}, "
@@ -267,7 +272,7 @@ def bench_drift_cmd(
     from rich.progress import Progress
 
     from adaspec.core.controller import load_controller_settings
-    from adaspec.core.drift import policies as P
+    from adaspec.core.controller import registry as policy_registry
     from adaspec.core.drift.bench import DriftArgs, run_drift
     from adaspec.core.drift.plot import plot_drift
     from adaspec.core.drift.stream import default_phases, parse_phase
@@ -277,15 +282,14 @@ def bench_drift_cmd(
 
     if quick:
         per_phase, max_new_tokens, window = min(per_phase, 8), min(max_new_tokens, 48), min(window, 8)
-    unknown = [p for p in policy if p not in P.POLICIES]
-    if unknown:
-        raise RequestError(f"unknown policy {unknown[0]!r}; known: {', '.join(P.POLICIES)}")
+    policy = [policy_registry.entry(p).name for p in policy]  # aliases -> the stable JSON names
     if sidecar and not live:
         raise RequestError("--sidecar needs --live (a replay has no server to swap weights into)")
     phases = [parse_phase(p, per_phase) for p in phase] or default_phases(per_phase)
     s = _settings(config, model=model, cache_dir=cache_dir, temperature=0.0)
     target = load_target(s)
-    args = DriftArgs(phases=phases, policies=policy or list(P.POLICIES), k=lookahead, batch_size=batch_size,
+    args = DriftArgs(phases=phases, policies=policy or list(policy_registry.names()), k=lookahead,
+                     batch_size=batch_size,
                      max_new_tokens=max_new_tokens, window=window, live=live, learn=not no_learn,
                      remeasure_costs=remeasure_costs, costs=costs, sidecar=sidecar)
     with Progress(console=err, transient=True) as progress:
@@ -320,16 +324,13 @@ def bench_tau_cmd(
     from rich.progress import Progress
     from rich.table import Table
 
-    from adaspec.core.datasets import shared_data_dir
+    from adaspec.core.datasets import dataset_paths
     from adaspec.core.drafters.registry import require_known
     from adaspec.core.drift.tau_table import tau_table
     from adaspec.core.target import load_target
 
     require_known(drafter)
-    paths: dict[str, Path] = {}
-    for d in dataset:
-        name, _, path = d.partition("=")
-        paths[name] = Path(path) if path else shared_data_dir() / f"{name}.jsonl"
+    paths = dataset_paths(dataset)
     s = _settings(config, model=model, cache_dir=cache_dir, temperature=0.0)
     target = load_target(s)
     with Progress(console=err, transient=True) as progress:
@@ -379,7 +380,7 @@ def train_static_cmd(
     """Self-distil an EAGLE-3-style static head from the target's own responses (resumable)."""
     from adaspec.core.drafters.eagle3 import default_head_dir
     from adaspec.core.target import load_target
-    from adaspec.core.train_static import StaticTrainArgs, train_static
+    from adaspec.core.heads.train_static import StaticTrainArgs, train_static
 
     s = _settings(config, model=model, cache_dir=cache_dir, seed=seed)
     layers = None
@@ -416,24 +417,25 @@ def bench_kernels_cmd(ctx: typer.Context) -> None:
     raise typer.Exit(kernels_main(list(ctx.args)) or 0)
 
 
+@bench_app.command("controller", context_settings=_PASSTHROUGH)
+def bench_controller_cmd(ctx: typer.Context) -> None:
+    """ATLAS controller decision time per request-step on a synthetic load. Extra args go to the benchmark."""
+    from adaspec.core.bench.controller import main as controller_main
+
+    raise typer.Exit(controller_main(list(ctx.args)) or 0)
+
+
 @bench_app.command("suffix", context_settings=_PASSTHROUGH)
 def bench_suffix_cmd(ctx: typer.Context) -> None:
     """Suffix drafter propose/update cost per request-step and memory. Extra args go to the benchmark."""
-    from adaspec.core.bench_suffix import main as suffix_main
+    from adaspec.core.bench.suffix import main as suffix_main
 
     raise typer.Exit(suffix_main(list(ctx.args)) or 0)
 
 
 def main() -> None:
     """Console-script entry point: user errors become a clear message and exit code 2."""
-    try:
-        app()
-    except AdaspecError as exc:
-        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    run_cli(app)
 
 
 if __name__ == "__main__":

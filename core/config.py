@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -143,9 +143,27 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load(cls: type[S], what: str, **overrides: Any) -> S:
+    """The one settings loader: `cls` from overrides (None = not given), then its env vars (and what else its
+    sources read); a bad value raises a ConfigError naming each field with the env var users set."""
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, cls.model_config.get("env_prefix", ""), what)) from None
+
+
+def settings_rows(cls: type[BaseSettings]) -> list[tuple[str, str, str]]:
+    """(env var, default, description) of every field: the documented knob list of a settings class."""
+    prefix = cls.model_config.get("env_prefix", "")
+    return [(prefix + name.upper(), "<computed>" if info.default_factory else str(info.default),
+             info.description or "") for name, info in cls.model_fields.items()]
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build Settings from overrides, env and an optional TOML file; raise ConfigError naming bad fields."""
-    overrides = {k: v for k, v in overrides.items() if v is not None}
     previous = os.environ.get("ADASPEC_CONFIG")
     try:
         if config_file is not None:
@@ -154,9 +172,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             os.environ["ADASPEC_CONFIG"] = str(config_file)
         elif previous and not Path(previous).is_file():
             raise ConfigError(f"ADASPEC_CONFIG points to a missing file: {previous}")
-        return Settings(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
+        return load(Settings, "settings", **overrides)
     except (ValueError, OSError) as exc:  # e.g. malformed TOML
         raise ConfigError(f"cannot read settings: {exc}") from None
     finally:

@@ -53,3 +53,12 @@ def shared_data_dir() -> Path:
         if cand.is_dir():
             return cand
     raise RequestError("cannot find the shared datasets; set ADASPEC_DATA_DIR to the folder with mt_bench.jsonl")
+
+
+def dataset_paths(specs: list[str]) -> dict[str, Path]:
+    """`NAME` (the shared data dir's NAME.jsonl) or `NAME=PATH.jsonl` per spec -> {name: path}, in order."""
+    paths: dict[str, Path] = {}
+    for d in specs:
+        name, _, path = d.partition("=")
+        paths[name] = Path(path) if path else shared_data_dir() / f"{name}.jsonl"
+    return paths

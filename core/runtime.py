@@ -8,7 +8,8 @@ from typing import Sequence
 from adaspec.core.config import Settings
 from adaspec.core.drafters.base import Drafter
 from adaspec.core.drafters.registry import make_drafter, require_known
-from adaspec.core.engine.engine import FixedPolicy, GenerationResult, Policy, RequestSpec, SpecEngine
+from adaspec.core.engine.engine import GenerationResult, RequestSpec, SpecEngine
+from adaspec.core.step import FixedPolicy, PolicyBase
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.target import Target, load_target
 
@@ -39,19 +40,19 @@ class Runtime:
         s = self.settings
         return SamplingParams(s.max_new_tokens, s.temperature, s.top_p, s.seed)
 
-    def policy(self, name: str) -> Policy:
-        """A policy by name (`atlas`, `fixed-static`, `sglang-adaptive`, ...) over this runtime's drafters;
-        controller knobs come from `ADASPEC_CONTROLLER_*`."""
-        from adaspec.core.controller import load_controller_settings, make_policy
+    def policy(self, name: str) -> PolicyBase:
+        """A policy by name (`atlas`, `static`, `sglang-ema`, ... or an alias) over those of its drafters this
+        runtime has; controller knobs come from `ADASPEC_CONTROLLER_*`."""
+        from adaspec.core.controller import load_controller_settings, make_policy, policy_drafters
 
-        return make_policy(name, [n for n in self.drafters if n != "none"], self.settings.lookahead,
+        return make_policy(name, policy_drafters(name, list(self.drafters)), self.settings.lookahead,
                            load_controller_settings())
 
     def generate(
         self,
         prompts: Sequence[list[int] | RequestSpec],
         drafter: str | None = None,
-        policy: Policy | str | None = None,
+        policy: PolicyBase | str | None = None,
         params: SamplingParams | None = None,
     ) -> list[GenerationResult]:
         if isinstance(policy, str):

@@ -5,6 +5,8 @@ Nothing here reaches a model hub (`local_files_only=True`); HF_HUB_OFFLINE=1 is 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,13 @@ class Target:
     eos_token_ids: frozenset[int]
     context_len: int
     name: str
+
+    @functools.cached_property
+    def cache_kwarg(self) -> str:
+        """The forward's name for the KV cache: `cache` (transformers >= 5.2x, which deprecates the old name)
+        or `past_key_values` (earlier 5.x, e.g. the 5.12 SGLang 0.5.17 pins)."""
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     @property
     def num_layers(self) -> int:

@@ -1,7 +1,7 @@
 """Build a worker's `AtlasRuntime` from settings and the target model (SGLang-free: the target worker is read
 duck-typed -- `model_runner.model.get_embed_and_head()`), so the wiring is testable on CPU.
 
-The adaptive head starts from the sidecar's head base (the same version-0 weights the sidecar trains from)
+The adaptive head starts from the head base (`adaptive_base`: the same file format both servers read) (the same version-0 weights the sidecar trains from)
 and shares the target's embedding and LM head tensors; without a base file it is left out (logged) and the
 controller runs with the other drafters. With `ADASPEC_SGLANG_SIDECAR` on, logs go out through a
 `BackgroundSender` -> `LogPublisher` and weight updates come in through a `WeightSubscriber` thread into a
@@ -23,7 +23,8 @@ from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.drafters.registry import make_drafter
 from adaspec.core.errors import ConfigError
 from adaspec.core.heads.adaptive import AdaptiveHead
-from adaspec.sglang_ext.logs import BackgroundSender, VersionedSink
+from adaspec.core.heads.adaptive_base import read_base
+from adaspec.sglang_ext.logs import BackgroundSender, PublisherSink
 from adaspec.sglang_ext.metrics import plugin_metrics
 from adaspec.sglang_ext.runtime import STATIC, AtlasRuntime
 from adaspec.sglang_ext.settings import PluginSettings
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 def adaptive_head(base_path: Path, embed: torch.Tensor, lm_head: torch.Tensor) -> AdaptiveHead | None:
     """The adaptive head at the base's version 0 over the target's own embedding/LM head; None without a base.
     A base made for another model (other vocab or width) is a ConfigError."""
-    from adaspec.sidecar.base import read_base
-
     if not base_path.is_file():
         log.warning("adaspec: no adaptive head base at %s (the sidecar writes it); adaptive drafter off", base_path)
         return None
@@ -61,7 +60,7 @@ def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, 
         embed, head_w = target_worker.model_runner.model.get_embed_and_head()
         head = adaptive_head(settings.base_path(), embed, head_w)
         if head is not None:
-            from adaspec.core.weights import WeightStager
+            from adaspec.core.online.weights import WeightStager
 
             drafters["adaptive"] = AdaptiveDrafter(head, collect=0)
             stagers.append(WeightStager(head, "adaptive", registry=registry))
@@ -74,15 +73,15 @@ def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, 
     link = None
     closers: list[Any] = []
     if settings.sidecar:
-        from adaspec.core.log_publisher import LogPublisher
-        from adaspec.core.transport import Transport
-        from adaspec.core.link_guard import LinkGuard
-        from adaspec.core.weights import WeightSubscriber
+        from adaspec.core.online.logs import LogPublisher
+        from adaspec.core.online.transport import Transport
+        from adaspec.core.online.guard import LinkGuard
+        from adaspec.core.online.weights import WeightSubscriber
 
         transport = transport if transport is not None else Transport()
         publisher = LogPublisher.from_transport(transport, server_id, feature_sample_rate=1.0, registry=registry)
-        sender = BackgroundSender(VersionedSink(publisher), settings.log_queue,
-                                  on_drop=lambda n: pm.logs_dropped.inc())
+        sender = BackgroundSender(PublisherSink(publisher), settings.log_queue,
+                                  on_drop=lambda n: pm.logs_dropped.inc(), flush=publisher.flush)
         if stagers:
             subscriber = WeightSubscriber(transport, stagers, server_id).start()
             link = LinkGuard(subscriber, [s.drafter for s in stagers], transport.settings.link_timeout_s,

@@ -3,8 +3,8 @@
 SGLang's scheduler thread runs every step; encoding log entries (pydantic validation, msgpack, hidden-state
 copies to the host) must not sit on it. `BackgroundSender.submit` puts a step's records on a bounded queue
 and returns at once; a daemon thread hands them to the sink (a `LogPublisher`, itself non-blocking towards
-the sidecar) and, when no step arrived for `idle_flush_s`, calls the sink's `flush()` so a partial batch
-leaves even when traffic stops. A full queue drops the step, counted; a failing sink is counted and never
+the sidecar) and, when no step arrived for `idle_flush_s`, calls `flush()` so a partial batch leaves even
+when traffic stops. A full queue drops the step, counted; a failing sink is counted and never
 raises anywhere.
 """
 
@@ -23,8 +23,10 @@ class BackgroundSender:
 
     def __init__(self, sink: Callable[[Sequence[Any]], Any], maxsize: int = 256,
                  on_drop: Callable[[int], None] | None = None, name: str = "adaspec-log-sender",
-                 idle_flush_s: float = 0.25) -> None:
+                 idle_flush_s: float = 0.25, flush: Callable[[], Any] | None = None) -> None:
+        """`flush`: called when no step arrived for `idle_flush_s` (the sink's partial batch leaves)."""
         self.sink = sink
+        self.flush = flush
         self.idle_flush_s = idle_flush_s
         self.on_drop = on_drop
         self.dropped_steps = 0
@@ -50,7 +52,7 @@ class BackgroundSender:
             return False
 
     def _run(self) -> None:
-        flush = getattr(self.sink, "flush", None)
+        flush = self.flush
         while True:
             try:
                 item = self._q.get(timeout=self.idle_flush_s)
@@ -94,40 +96,30 @@ class BackgroundSender:
 
 
 class StepLogs:
-    """One step's records plus the weight version each drafter drafted them with (snapshotted on the serving
-    thread: by the time the sender encodes them a newer version may already be in place), and, when the
-    records' features are device tensors, the event after which they are computed (the sender thread waits
-    on it before copying them to the host, so the serving thread never synchronises for logs)."""
+    """One step's records (each carries the weight version it drafted with, stamped on the serving thread: by
+    the time the sender encodes them a newer version may already be in place) and, when the records' features
+    are device tensors, the event after which they are computed (the sender thread waits on it before
+    copying them to the host, so the serving thread never synchronises for logs)."""
 
-    __slots__ = ("records", "versions", "ready")
+    __slots__ = ("records", "ready")
 
-    def __init__(self, records: Sequence[Any], versions: dict[str, int], ready: Any = None) -> None:
-        self.records, self.versions, self.ready = records, versions, ready
+    def __init__(self, records: Sequence[Any], ready: Any = None) -> None:
+        self.records, self.ready = records, ready
 
     def __len__(self) -> int:
         return len(self.records)
 
 
-class VersionedSink:
-    """Sender-thread adapter: feeds a `LogPublisher` with each step's records and its version snapshot."""
+class PublisherSink:
+    """Sender-thread adapter: waits for a step's device features, then feeds a `LogPublisher` its records."""
 
     def __init__(self, publisher: Any) -> None:
         self.publisher = publisher
-        self.versions: dict[str, int] = {}
-        publisher.version_of = self.version_of
-
-    def version_of(self, drafter: str) -> int:
-        return self.versions.get(drafter, 0)
-
-    def flush(self) -> None:
-        """Send what the publisher buffered (non-blocking; it never raises)."""
-        self.publisher.flush()
 
     def __call__(self, item: Any) -> None:
         if isinstance(item, StepLogs):
             if item.ready is not None:
                 item.ready.synchronize()
-            self.versions = item.versions
             self.publisher(item.records)
         else:
             self.publisher(item)

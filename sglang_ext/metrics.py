@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from adaspec.core.serving_metrics import K_BUCKETS, EngineMetrics
-from adaspec.core.weights import per_registry
+from adaspec.core.metrics import K_BUCKETS, EngineMetrics, per_registry
 
 
 class PluginMetrics:

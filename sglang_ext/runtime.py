@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from adaspec.core.drafters.base import Draft, Drafter, DraftRequest, Observation
-from adaspec.core.engine.engine import Plan, StepRecord, peek_drafts
+from adaspec.core.step import Plan, PolicyBase, StepRecord, peek_drafts, propose_chains
 from adaspec.sglang_ext.chain import batch_steps
 from adaspec.sglang_ext.logs import StepLogs
 
@@ -54,24 +54,12 @@ class ReqView:
     def last_token(self) -> int:
         return int(self.output[-1]) if len(self.output) else int(self.prompt[-1])
 
-
-class _Spec:
-    __slots__ = ("request_id", "tenant")
-
-    def __init__(self, request_id: str, tenant: str) -> None:
-        self.request_id, self.tenant = request_id, tenant
-
-
-class _PlanRow:
-    """What `AtlasPolicy.plan` reads of an engine `RequestState` (one pending token: the draft root)."""
-
-    __slots__ = ("spec", "max_new_tokens", "output", "pending")
-
-    def __init__(self, row: ReqView) -> None:
-        self.spec = _Spec(row.request_id, row.tenant)
-        self.max_new_tokens = row.max_new_tokens
-        self.output = row.output
-        self.pending = (row.last_token,)
+    @property
+    def pending(self) -> tuple[int]:
+        """A decode step feeds one token before the draft: the last one (the draft root). With
+        `request_id`, `tenant`, `max_new_tokens` and `output` this is what a policy plans from
+        (`adaspec.core.step.PlanRequest`)."""
+        return (self.last_token,)
 
 
 @dataclass
@@ -102,7 +90,7 @@ class AtlasRuntime:
 
     def __init__(
         self,
-        policy: Any,
+        policy: PolicyBase,
         drafters: Mapping[str, Drafter],
         candidate_steps: Sequence[int],
         *,
@@ -184,9 +172,7 @@ class AtlasRuntime:
         req = row.draft_request()
         for d in self.drafters.values():
             d.finish(req)
-        fin = getattr(self.policy, "finish", None)
-        if fin is not None:
-            fin(row.request_id)
+        self.policy.finish(row.request_id)
 
     def prefilled(self, rows: Sequence[ReqView], last_hidden: Tensor | None, next_tokens: Any) -> None:
         """Requests whose prefill completed: `last_hidden` [n, d] at their last prompt position, `next_tokens`
@@ -209,14 +195,6 @@ class AtlasRuntime:
                 obs = [Observation(r.request_id, list(r.prompt), None, int(nxt[i])) for i, r in enumerate(rows)]
                 self.observe_hidden(obs, hidden)
 
-    def _peek(self, plan_rows: list, reqs: list, max_steps: int) -> dict[str, list[Draft]]:
-        """The policy's cheap drafters (`peek`, the suffix tree) propose for every row before planning, so the
-        choice reads each row's actual draft confidence (`AtlasPolicy.peeked`)."""
-        if not getattr(self.policy, "peek", None):
-            return {}
-        k = max(0, min(int(getattr(self.policy, "peek_k", 0)), max_steps))
-        return peek_drafts(self.policy, self.drafters, plan_rows, reqs, [k] * len(reqs))
-
     def plan(self, rows: Sequence[ReqView]) -> StepPlan:
         """Decide this decode step: drafter/k per request, the CPU chains, the batch's step count."""
         rows = list(rows)
@@ -225,38 +203,22 @@ class AtlasRuntime:
         self.step += 1
         t0 = self.clock()
         max_steps = self.candidates[-1]
-        plan_rows = [_PlanRow(r) for r in rows]
         reqs = [r.draft_request() for r in rows]
-        peeked = self._peek(plan_rows, reqs, max_steps)
-        plans: list[Plan] = list(self.policy.plan(plan_rows))
+        peek_k = max(0, min(self.policy.peek_k, max_steps))
+        peeked = peek_drafts(self.policy, self.drafters, rows, reqs, [peek_k] * len(reqs)) if self.policy.peek else {}
+        plans: list[Plan] = list(self.policy.plan(rows))
         names: list[str | None] = [None] * len(rows)
-        ks = [0] * len(rows)
-        chains: list[Draft | None] = [Draft() for _ in rows]
-        groups: dict[str, list[int]] = {}
+        ks = [min(int(p.k), max_steps) if p.drafter else 0 for p in plans]
         for i, p in enumerate(plans):
-            k = min(int(p.k), max_steps)
-            if not p.drafter or k <= 0:
-                continue
-            if p.drafter == STATIC and self.static:
-                names[i], ks[i], chains[i] = STATIC, k, None
-            elif p.drafter in self.drafters:
-                names[i], ks[i] = p.drafter, k
-                groups.setdefault(p.drafter, []).append(i)
-        trim = getattr(self.policy, "trim", None)
-        for name, idx in groups.items():
-            group_reqs = [reqs[i] for i in idx]
-            if name in peeked:  # proposed before planning: not asked twice
-                proposals = [peeked[name][i] for i in idx]
+            if ks[i] > 0 and (p.drafter in self.drafters or (p.drafter == STATIC and self.static)):
+                names[i] = p.drafter
             else:
-                proposals = self.drafters[name].propose(group_reqs, [ks[i] for i in idx])
-            for i, req, d in zip(idx, group_reqs, proposals):
-                if len(d.tokens) > ks[i]:
-                    d = d.truncated(ks[i])
-                if trim is not None and d.tokens:
-                    n = int(trim(req, name, d))
-                    if n < len(d.tokens):
-                        d = d.truncated(max(0, n))
-                chains[i] = d
+                ks[i] = 0
+        # SGLang's EAGLE-3 forward drafts the static rows; the CPU drafters draft the rest (one loop, core's).
+        cpu = [None if n == STATIC else n for n in names]
+        drafts = propose_chains(self.policy, self.drafters, cpu, [0 if n is None else k for n, k in zip(cpu, ks)],
+                                reqs, peeked)
+        chains: list[Draft | None] = [None if n == STATIC else d for n, d in zip(names, drafts)]
         want = [ks[i] if c is None else len(c.tokens) for i, c in enumerate(chains)]
         steps = batch_steps(want, self.candidates)
         if steps == 0:  # no drafting at all this step: SGLang's trivial one-node verify
@@ -272,7 +234,7 @@ class AtlasRuntime:
             self.metrics.batch_steps.observe(steps)
             if steps and not plan.uses_static:
                 self.metrics.static_skipped.inc()
-            self.metrics.goodput.set(float(getattr(self.policy, "lam", 0.0)))
+            self.metrics.goodput.set(float(self.policy.lam))
         return plan
 
     def safe_plan(self, rows: Sequence[ReqView]) -> StepPlan:
@@ -309,6 +271,7 @@ class AtlasRuntime:
         if len(accept_lens) != bs or len(tokens) < bs * stride or len(verified) < bs * stride:
             raise ValueError(f"verify results do not match the plan ({bs} rows, stride {stride})")
         verify_s = self.clock() - plan.started
+        versions = {s.drafter: s.version for s in self.stagers}  # what this step drafted with
         records: list[StepRecord] = []
         obs: list[Observation] = []
         for i, row in enumerate(plan.rows):
@@ -328,6 +291,7 @@ class AtlasRuntime:
                 accepted=a, emitted=a + 1, confidence=conf, batch_size=bs, chunk_tokens=stride,
                 draft_s=plan.draft_s, verify_s=verify_s, prefill=False,
                 draft_tokens=[int(t) for t in verified[base + 1 : base + stride]], emitted_tokens=emitted,
+                weight_version=versions.get(name, 0) if name else 0,
             )
             if hidden is not None and self._sampled(row.request_id):
                 rec.features = hidden[base : base + a + 1].detach().float().clone()  # the buffer is reused
@@ -350,7 +314,7 @@ class AtlasRuntime:
             if hidden is not None and hidden.is_cuda:  # features are queued device copies: mark when done
                 ready = torch.cuda.Event()
                 ready.record()
-            self.sender.submit(StepLogs(records, {s.drafter: s.version for s in self.stagers}, ready))
+            self.sender.submit(StepLogs(records, ready))
         return records
 
     def observe_hidden(self, obs: Sequence[Observation], last_hidden: Tensor) -> None:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from adaspec.core.config import default_cache_dir, describe_validation_error
-from adaspec.core.errors import ConfigError
+from adaspec.core.config import default_cache_dir, load
 
 ENV_PREFIX = "ADASPEC_SGLANG_"
 #: The drafters the worker knows: SGLang's own EAGLE-3 path, the suffix tree, the online adaptive head.
@@ -95,8 +94,5 @@ class PluginSettings(BaseSettings):
 
 
 def load_plugin_settings(**overrides: Any) -> PluginSettings:
-    """PluginSettings from overrides and env; ConfigError naming each bad field and its env var."""
-    try:
-        return PluginSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, ENV_PREFIX, "SGLang plugin settings")) from None
+    """Build PluginSettings from overrides and env; raise ConfigError naming each bad field and its env var."""
+    return load(PluginSettings, "SGLang plugin settings", **overrides)

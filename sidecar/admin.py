@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from adaspec.core.wire import AdminReply, AdminRequest
+from adaspec.core.online.wire import AdminReply, AdminRequest
 from adaspec.sidecar.checkpoint import CheckpointError
 
 if TYPE_CHECKING:

@@ -50,8 +50,8 @@ def bench_swap(hidden: int, vocab: int, inner: int, n: int) -> dict[str, float]:
     """Offer (validate + stage, off the hot path) and apply (the serving pause), n times each."""
     from prometheus_client import CollectorRegistry
 
-    from adaspec.core.weights import WeightStager
-    from adaspec.core.wire import WeightUpdate
+    from adaspec.core.online.weights import WeightStager
+    from adaspec.core.online.wire import WeightUpdate
 
     head = _head(hidden, vocab, inner)
     stager = WeightStager(head, "adaptive", registry=CollectorRegistry())
@@ -103,17 +103,17 @@ def bench_loopback(hidden: int, vocab: int, inner: int, n: int) -> dict[str, flo
     """PUSH->PULL of a typical log batch; publish -> staged on a subscribed server; apply pause."""
     from prometheus_client import CollectorRegistry
 
-    from adaspec.core.transport import Transport
-    from adaspec.core.transport_config import TransportSettings
-    from adaspec.core.weights import WeightStager
-    from adaspec.core.wire import LogBatch, StepEntry, WeightUpdate, encode, tensor_to_blob
+    from adaspec.core.online.transport import Transport
+    from adaspec.core.online.settings import TransportSettings
+    from adaspec.core.online.weights import WeightStager
+    from adaspec.core.online.wire import LogBatch, StepEntry, WeightUpdate, encode, tensor_to_blob
 
     root = Path(tempfile.mkdtemp(prefix="asb-", dir="/tmp"))
     ts = TransportSettings(run_dir=root / "run")
     with Transport(ts) as t:
         puller, pusher = t.log_puller(), t.log_pusher()
         entries = [StepEntry(step=i, request_id=f"r{i}", tenant="t", drafter="adaptive", k=4, drafted=4, accepted=2,
-                             emitted=3, drafted_tokens=[1, 2, 3, 4], emitted_tokens=[1, 2, 9], confidence=[0.5] * 4,
+                             emitted=3, draft_tokens=[1, 2, 3, 4], emitted_tokens=[1, 2, 9], confidence=[0.5] * 4,
                              weight_version=1, features=tensor_to_blob(torch.randn(3, hidden))) for i in range(8)]
         data = encode(LogBatch(server_id="s", seq=0, entries=entries))
         log_lat = []
@@ -183,15 +183,16 @@ def bench_logging(n_prompts: int, tokens: int, batch: int, reps: int) -> dict[st
     from adaspec.core.config import load_settings
     from adaspec.core.datasets import load_prompts, shared_data_dir
     from adaspec.core.drafters.adaptive import AdaptiveDrafter
-    from adaspec.core.engine.engine import FixedPolicy, SpecEngine
+    from adaspec.core.engine.engine import SpecEngine
+    from adaspec.core.step import FixedPolicy
     from adaspec.core.engine.sampling import SamplingParams
     from adaspec.core.heads.adaptive import AdaptiveHead
-    from adaspec.core.online import OnlineAdaptive
+    from adaspec.core.online.attach import OnlineAdaptive
     from adaspec.core.target import load_target
-    from adaspec.core.transport import Transport
-    from adaspec.core.transport_config import TransportSettings
+    from adaspec.core.online.transport import Transport
+    from adaspec.core.online.settings import TransportSettings
 
-    logging.getLogger("adaspec.core.weights").setLevel(logging.ERROR)  # no sidecar here: sync failures are expected
+    logging.getLogger("adaspec.core.online.weights").setLevel(logging.ERROR)  # no sidecar here: sync failures are expected
     target = load_target(load_settings(device="cpu"))
     prompts = [target.encode(r.prompt) for r in load_prompts(shared_data_dir() / "code_edit.jsonl", limit=n_prompts)]
     drafter = AdaptiveDrafter(AdaptiveHead.for_target(target, inner_size=1024))

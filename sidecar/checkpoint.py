@@ -11,9 +11,7 @@ servers already hold. Loading verifies checksums; a damaged checkpoint is skippe
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -25,19 +23,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from adaspec.core import fsio
 from adaspec.core.errors import AdaspecError
-from adaspec.core.wire import named_tensor, weights_checksum
+from adaspec.core.online.wire import named_tensor, weights_checksum
 
-
-def save_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    """Write a safetensors file via a per-process temp name + rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 FORMAT = "adaspec-sidecar-checkpoint/1"
 _VERSION_RE = re.compile(r"^v(\d{10})\.safetensors$")
@@ -82,27 +71,6 @@ def checksum(tensors: dict[str, Tensor]) -> str:
     return weights_checksum([named_tensor(n, t) for n, t in tensors.items()])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class CheckpointStore:
     """Reads and writes versions and checkpoints under one state dir for one base fingerprint."""
 
@@ -115,8 +83,8 @@ class CheckpointStore:
         self.ckpt_dir = self.root / "checkpoints"
         for d in (self.versions_dir, self.ckpt_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for leftover in d.glob(".tmp-*"):  # an interrupted write
-                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            for leftover in fsio.leftovers(d):  # an interrupted write
+                fsio.remove(leftover)
 
     # -- versions -------------------------------------------------------------------------------------------
     def version_path(self, version: int) -> Path:
@@ -139,12 +107,7 @@ class CheckpointStore:
             "record": json.dumps(asdict(record)),
             "checksum": checksum(tensors),
         }
-        path = self.version_path(record.version)
-        tmp = self.versions_dir / f".tmp-{os.getpid()}-{path.name}"
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        _fsync_dir(self.versions_dir)
-        return path
+        return fsio.save_safetensors(tensors, self.version_path(record.version), meta, fsync=True)
 
     def load_version(self, version: int) -> tuple[dict[str, Tensor], VersionRecord]:
         path = self.version_path(version)
@@ -179,9 +142,7 @@ class CheckpointStore:
         existing = self.checkpoints()
         seq = (int(_CKPT_RE.match(existing[0].name).group(1)) + 1) if existing else 1  # type: ignore[union-attr]
         final = self.ckpt_dir / f"ckpt-{seq:08d}"
-        tmp = self.ckpt_dir / f".tmp-{os.getpid()}-{seq:08d}"
-        tmp.mkdir(mode=0o700)
-        try:
+        with fsio.atomic_dir(final, fsync=True, mode=0o700) as tmp:
             tensors = {f"weights.{k}": v.detach().to("cpu").contiguous() for k, v in state.weights.items()}
             for name, moments in state.optimizer.items():
                 for m, t in moments.items():
@@ -198,17 +159,9 @@ class CheckpointStore:
                 "serving_version": state.serving_version,
                 "history": [asdict(r) for r in state.history[-256:]],
                 "rollbacks": state.rollbacks[-256:],
-                "files": {"trainer.safetensors": _sha256(tmp / "trainer.safetensors")},
+                "files": {"trainer.safetensors": fsio.sha256_file(tmp / "trainer.safetensors")},
             }
-            with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.ckpt_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         for old in self.checkpoints()[self.keep_checkpoints:]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -223,7 +176,7 @@ class CheckpointStore:
         if manifest.get("base_fingerprint") != self.fingerprint:
             raise CheckpointError(f"{path}: trained against another head base")
         trainer = path / "trainer.safetensors"
-        if not trainer.is_file() or _sha256(trainer) != manifest.get("files", {}).get("trainer.safetensors"):
+        if not trainer.is_file() or fsio.sha256_file(trainer) != manifest.get("files", {}).get("trainer.safetensors"):
             raise CheckpointError(f"{path}: trainer.safetensors missing or damaged")
         weights: dict[str, Tensor] = {}
         optimizer: dict[str, dict[str, Tensor]] = {}
@@ -270,4 +223,4 @@ def export_head(path: Path, weights: dict[str, Tensor], config: dict[str, Any], 
         "drafter": drafter,
         "checksum": checksum(tensors),
     }
-    return save_atomic(tensors, path, meta)
+    return fsio.save_safetensors(tensors, path, meta)

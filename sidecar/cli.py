@@ -10,26 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
-from adaspec.core.config import describe_validation_error
+from adaspec.core.config import load, settings_rows
+from adaspec.core.console import out, run_cli
 from adaspec.core.errors import AdaspecError, ConfigError
 
 app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False,
     help="The online trainer process: serve it, or operate a running one.",
 )
-out = Console(width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, soft_wrap=True)
 
 
 class SidecarCommandError(AdaspecError):
@@ -37,16 +32,13 @@ class SidecarCommandError(AdaspecError):
 
 
 def _transport_settings():
-    from adaspec.core.transport_config import TransportSettings
+    from adaspec.core.online.settings import TransportSettings
 
-    try:
-        return TransportSettings()
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, "ADASPEC_TRANSPORT_", "transport settings")) from None
+    return load(TransportSettings, "transport settings")
 
 
 def _call(command: str, timeout_ms: int, **args: Any) -> dict[str, Any]:
-    from adaspec.core.transport import Transport
+    from adaspec.core.online.transport import Transport
 
     with Transport(_transport_settings()) as t:
         client = t.admin_client()
@@ -88,6 +80,8 @@ def serve(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if settings.parent_pid:
+        _watch_parent(settings.parent_pid, svc.stop)
     logging.getLogger("adaspec.sidecar").info(
         "ready: v%d, logs %s, admin %s", svc.serving_version, svc.puller.endpoint, svc.admin.endpoint
     )
@@ -95,6 +89,20 @@ def serve(
         svc.run()
     finally:
         svc.close()
+
+
+def _watch_parent(parent_pid: int, stop, period_s: float = 0.5) -> None:
+    """Call `stop` once `parent_pid` is no longer our parent (it exited or was killed: we were re-parented)."""
+    import os
+    import threading
+
+    def _run() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(period_s)
+        logging.getLogger("adaspec.sidecar").warning("parent %d is gone: stopping", parent_pid)
+        stop()
+
+    threading.Thread(target=_run, name="adaspec-parent-watch", daemon=True).start()
 
 
 @app.command("status")
@@ -167,10 +175,10 @@ def export_cmd(
 @app.command("settings")
 def settings_cmd() -> None:
     """Every sidecar knob: env var, default and meaning (transport knobs: ADASPEC_TRANSPORT_*)."""
-    from adaspec.sidecar.settings import sidecar_settings_table
+    from adaspec.sidecar.settings import SidecarSettings
 
     table = Table("env var", "default", "meaning", title="sidecar settings")
-    for env, default, desc in sidecar_settings_table():
+    for env, default, desc in settings_rows(SidecarSettings):
         table.add_row(env, default, desc)
     out.print(table)
 
@@ -242,10 +250,4 @@ def status_tables(st: dict[str, Any]) -> list[Table]:
 
 def main() -> None:
     """`python -m adaspec.sidecar`: same error handling as the `adaspec` CLI."""
-    try:
-        app()
-    except AdaspecError as exc:
-        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(app)

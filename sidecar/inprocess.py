@@ -12,13 +12,13 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.heads.adaptive import AdaptiveFeatures, AdaptiveHead
+from adaspec.core.online.weights import copy_into
 from adaspec.sidecar.gate import decide
-from adaspec.sidecar.replay import ReplayBuffer
+from adaspec.sidecar.buffer import ReplayBuffer
 from adaspec.sidecar.samples import Samples
 from adaspec.sidecar.settings import SidecarSettings
 from adaspec.sidecar.trainer import Trainer
@@ -98,10 +98,9 @@ class InProcessSidecar:
         self.stats.gates += 1
         d = decide(self.trainer.head, self.serving, held[0], held[1], s.gate_k, s.gate_margin, s.gate_min_samples)
         if d.publish:
-            with torch.no_grad():  # in place: the serving head's tensors keep their identity (a server's swap)
-                for dst, src in zip(self.serving.state_dict(keep_vars=True).values(),
-                                    self.trainer.head.state_dict(keep_vars=True).values()):
-                    dst.data.copy_(src.data)
+            # in place: the serving head's tensors keep their identity (a server's swap)
+            copy_into(self.serving.state_dict(keep_vars=True), self.trainer.head.state_dict())
             self.version += 1
+            self.drafter.weight_version = self.version
             self.stats.versions.append({"version": self.version, "at_step": self.step,
                                         "candidate_tau": d.candidate_tau, "serving_tau": d.serving_tau})

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from adaspec.core.heads.adaptive import IGNORE
-from adaspec.core.wire import LogBatch, StepEntry, blob_to_tensor
+from adaspec.core.online.wire import LogBatch, StepEntry, blob_to_tensor
 
 # Rejection reasons (label values of adaspec_sidecar_entries_rejected_total).
 FEATURES_DTYPE = "features_dtype"

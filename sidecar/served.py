@@ -13,7 +13,7 @@ import collections
 import time
 from dataclasses import dataclass, field
 
-from adaspec.core.wire import StepEntry
+from adaspec.core.online.wire import StepEntry
 
 
 @dataclass

@@ -22,20 +22,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from prometheus_client import CollectorRegistry
 from torch import Tensor
 
 from adaspec.core.errors import ConfigError
-from adaspec.core.transport import Transport, WeightPublisher
-from adaspec.core.transport_config import TransportSettings
-from adaspec.core.weights import per_registry
-from adaspec.core.wire import AdminReply, AdminRequest, LogBatch, WeightUpdate
-from adaspec.sidecar.base import HeadBase, base_from_model, read_base
+from adaspec.core.metrics import per_registry
+from adaspec.core.online.transport import Transport, WeightPublisher
+from adaspec.core.online.settings import TransportSettings
+from adaspec.core.online.weights import copy_into
+from adaspec.core.online.wire import AdminReply, AdminRequest, LogBatch, WeightUpdate
+from adaspec.core.heads.adaptive_base import HeadBase, base_from_model, read_base
 from adaspec.sidecar.checkpoint import CheckpointError, CheckpointStore, TrainerState, VersionRecord, export_head
 from adaspec.sidecar.gate import GateDecision, decide
 from adaspec.sidecar.metrics import SidecarMetrics
-from adaspec.sidecar.replay import ReplayBuffer
+from adaspec.sidecar.buffer import ReplayBuffer
 from adaspec.sidecar.samples import Samples, StreamAssembler
 from adaspec.sidecar.served import ServedStats
 from adaspec.sidecar.settings import SidecarSettings
@@ -141,7 +141,7 @@ class SidecarService:
             raise
         if self.serving_version > 0:
             self.publisher.restore(self._update(self.serving_version, self._serving_weights()))
-        from adaspec.core.serving_metrics import serve_metrics
+        from adaspec.core.metrics import serve_metrics
 
         self.http = serve_metrics(self.registry, s.metrics_port, s.metrics_host)
         self._update_gauges(force=True)
@@ -177,9 +177,7 @@ class SidecarService:
                  self.last_checkpoint or "no checkpoint")
 
     def _set_serving(self, version: int, weights: dict[str, Tensor], record: VersionRecord | None) -> None:
-        with torch.no_grad():
-            for name, t in self.serving_head.state_dict(keep_vars=True).items():
-                t.data.copy_(weights[name])
+        copy_into(self.serving_head.state_dict(keep_vars=True), weights)
         self.serving_version, self.serving_record = version, record
 
     def _serving_weights(self) -> dict[str, Tensor]:

@@ -1,7 +1,7 @@
 """Sidecar knobs (env prefix `ADASPEC_SIDECAR_`); every one has a working default, none is required.
 
 The transport (endpoints, CURVE keys, queue depths, wire limits) is configured apart, by
-`ADASPEC_TRANSPORT_*` (`adaspec.core.transport_config.TransportSettings`), because the serving side reads
+`ADASPEC_TRANSPORT_*` (`adaspec.core.online.settings.TransportSettings`), because the serving side reads
 the same values. Sample counts are training samples (one per logged target position with known successors).
 """
 
@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from adaspec.core.config import default_cache_dir, describe_validation_error
-from adaspec.core.errors import ConfigError
+from adaspec.core.config import default_cache_dir, load
 
 ENV_PREFIX = "ADASPEC_SIDECAR_"
 
@@ -128,6 +127,11 @@ class SidecarSettings(BaseSettings):
     )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics HTTP port (0 = off).")
     metrics_host: str = Field(default="127.0.0.1", description="Address the /metrics server listens on.")
+    parent_pid: int = Field(
+        default=0, ge=0,
+        description="Stop (gracefully) once the process with this pid is no longer our parent: a sidecar spawned "
+        "by another program dies with it, even when that one was killed with SIGKILL (0 = run until signalled).",
+    )
 
     @model_validator(mode="after")
     def _gate_within_targets(self) -> "SidecarSettings":
@@ -145,16 +149,4 @@ class SidecarSettings(BaseSettings):
 
 def load_sidecar_settings(**overrides: Any) -> SidecarSettings:
     """Build SidecarSettings from overrides and env; raise ConfigError naming each bad field and its env var."""
-    try:
-        return SidecarSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, ENV_PREFIX, "sidecar settings")) from None
-
-
-def sidecar_settings_table() -> list[tuple[str, str, str]]:
-    """(env var, default, description) rows: the documented knob list."""
-    rows = []
-    for name, info in SidecarSettings.model_fields.items():
-        default = "<computed>" if info.default_factory else str(info.default)
-        rows.append((ENV_PREFIX + name.upper(), default, info.description or ""))
-    return rows
+    return load(SidecarSettings, "sidecar settings", **overrides)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from adaspec.core.heads.adaptive import IGNORE, AdaptiveFeatures, AdaptiveHead
+from adaspec.core.online.weights import copy_into
 
 
 class Trainer:
@@ -49,9 +50,7 @@ class Trainer:
 
     def load_weights(self, weights: dict[str, Tensor], reset_optimizer: bool = True) -> None:
         """Copy `weights` into the head in place; by default forget AdamW moments (they belong to other weights)."""
-        with torch.no_grad():
-            for name, t in self.head.state_dict(keep_vars=True).items():
-                t.data.copy_(weights[name])
+        copy_into(self.head.state_dict(keep_vars=True), weights)
         if reset_optimizer:
             self.head.reset_optimizer()
 

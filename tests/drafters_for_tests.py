@@ -7,10 +7,10 @@ from typing import Sequence
 
 import torch
 
-from adaspec.core.drafters.base import Draft, DraftRequest, Observation
+from adaspec.core.drafters.base import Draft, DraftRequest, DrafterBase, Observation
 
 
-class NoisyOracleDrafter:
+class NoisyOracleDrafter(DrafterBase):
     """Proposes the true greedy continuation, corrupted at a random position, with random lengths.
 
     `reference` maps tuple(prompt) -> the plain greedy output, so every acceptance length 0..k occurs.
@@ -40,7 +40,7 @@ class NoisyOracleDrafter:
         return out
 
 
-class RecordingDrafter:
+class RecordingDrafter(DrafterBase):
     """Proposes nothing; records what the engine tells it, to check the observe/finish contract."""
 
     name = "recorder"
@@ -71,7 +71,7 @@ class RecordingDrafter:
         self.finished[request.request_id] = list(request.tokens)
 
 
-class SampledQDrafter:
+class SampledQDrafter(DrafterBase):
     """Samples each draft token from a fixed distribution q (its own RNG) and reports q: tests the full-q path."""
 
     name = "sampled-q"

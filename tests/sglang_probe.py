@@ -214,7 +214,7 @@ def _metrics():
     from starlette.testclient import TestClient
     from sglang.srt.utils.common import add_prometheus_middleware
 
-    from adaspec.core.engine.engine import StepRecord
+    from adaspec.core.step import StepRecord
     from adaspec.sglang_ext.metrics import plugin_metrics
 
     pm, engine = plugin_metrics()
@@ -238,8 +238,8 @@ def _worker_steps():
     from types import SimpleNamespace
 
     import adaspec.sglang_ext.worker as wm
-    from adaspec.core.drafters.base import Draft
-    from adaspec.core.engine.engine import Plan
+    from adaspec.core.drafters.base import Draft, DrafterBase
+    from adaspec.core.step import Plan, PolicyBase
     from adaspec.sglang_ext.runtime import AtlasRuntime
     from adaspec.sglang_ext.states import StepStates
 
@@ -254,17 +254,17 @@ def _worker_steps():
 
     wm.build_eagle_verify_input = fake_build
 
-    class Policy:
+    class Policy(PolicyBase):
         script = {}
         lam = 1.0
 
         def plan(self, rows):
-            return [self.script.get(r.spec.request_id, Plan(None, 0)) for r in rows]
+            return [self.script.get(r.request_id, Plan(None, 0)) for r in rows]
 
         def feedback(self, records):
             calls.append(("feedback", [(r.request_id, r.drafter, r.accepted, r.emitted_tokens) for r in records]))
 
-    class Suffix:
+    class Suffix(DrafterBase):
         def start(self, r): pass
         def finish(self, r): pass
         def observe(self, obs): pass

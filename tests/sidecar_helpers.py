@@ -14,8 +14,8 @@ from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.engine.engine import SpecEngine
 from adaspec.core.heads.adaptive import AdaptiveHead
 from adaspec.core.target import Target
-from adaspec.core.transport_config import TransportSettings
-from adaspec.core.wire import StepEntry, entry_from_record
+from adaspec.core.online.settings import TransportSettings
+from adaspec.core.online.wire import StepEntry, entry_from_record
 
 VOCAB = 97
 

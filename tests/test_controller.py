@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaspec.core.bench_controller import DrafterModel, SyntheticLoad
+from adaspec.core.bench.controller import DrafterModel, SyntheticLoad
 from adaspec.core.controller import (
     AtlasPolicy,
     Calibrator,
@@ -23,8 +23,9 @@ from adaspec.core.controller import (
     pav,
     policy_drafters,
 )
-from adaspec.core.drafters.base import Draft
-from adaspec.core.engine.engine import FixedPolicy, Plan, RequestSpec, RequestState, StepRecord
+from adaspec.core.drafters.base import Draft, DrafterBase
+from adaspec.core.engine.engine import RequestSpec, RequestState
+from adaspec.core.step import FixedPolicy, Plan, StepRecord
 from adaspec.core.errors import ConfigError
 
 
@@ -280,7 +281,10 @@ def test_trim_cuts_where_calibrated_acceptance_collapses():
     assert policy.trim(st_, "d", draft) == 2
     assert policy.trim(st_, "d", Draft([5, 6], [0.9, 0.9])) == 2
     assert policy.trim(st_, "unknown", draft) == 4
-    assert AtlasPolicy(["d"], ControllerSettings(trim=False)).trim is None
+    off = AtlasPolicy(["d"], ControllerSettings(guarded=(), explore_every=0, calib_refit_tokens=1, trim=False))
+    off.calibrators[0] = cal  # the same evidence that cut the draft above
+    off.plan([st_])
+    assert off.trim(st_, "d", draft) == 4  # trim switched off: every proposed token is verified
 
 
 def test_request_curves_warm_start_from_tenant_then_global():
@@ -320,7 +324,7 @@ def test_atlas_drives_the_real_engine_losslessly(tiny_target):
     ref = plain.generate(prompts, SamplingParams(max_new_tokens=24), FixedPolicy(None, 0))
     policy = AtlasPolicy(["prompt-lookup"], ControllerSettings(guarded=(), verify_fixed_s=1.0))
 
-    class Trimmed:  # what the proposed engine hook does, done from the drafter side
+    class Trimmed(DrafterBase):  # what the proposed engine hook does, done from the drafter side
         def __init__(self, inner):
             self.inner, self.name, self.hidden_layers = inner, inner.name, inner.hidden_layers
 

@@ -15,7 +15,8 @@ from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.drafters.registry import make_drafter
 from adaspec.core.drift.replay_engine import TraceEngine
 from adaspec.core.drift.traces import TraceStore, trace_layers
-from adaspec.core.engine.engine import FixedPolicy, RequestSpec
+from adaspec.core.engine.engine import RequestSpec
+from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads.adaptive import AdaptiveFeatures, AdaptiveHead, distill_targets
 

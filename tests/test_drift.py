@@ -13,12 +13,13 @@ from tiny_models import make_tiny_target
 
 from adaspec.core.controller.policy import AtlasPolicy
 from adaspec.core.drafters.suffix import SuffixDrafter
-from adaspec.core.drift.costs import StepCosts, _fit_verify, measure_costs
+from adaspec.core.drift.step_costs import StepCosts, _fit_verify, measure_costs
 from adaspec.core.drift.metrics import RequestOutcome, recovery, tau_of, windows
 from adaspec.core.drift.replay_engine import TraceEngine
 from adaspec.core.drift.stream import build_stream, parse_phase, PhaseSpec
 from adaspec.core.drift.traces import TraceStore
-from adaspec.core.engine.engine import FixedPolicy, RequestSpec, SpecEngine
+from adaspec.core.engine.engine import RequestSpec, SpecEngine
+from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.errors import RequestError
 

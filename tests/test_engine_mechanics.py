@@ -10,7 +10,8 @@ import torch
 
 from adaspec.core.drafters.none import NoneDrafter
 from adaspec.core.drafters.prompt_lookup import PromptLookupDrafter
-from adaspec.core.engine.engine import FixedPolicy, RequestSpec, SpecEngine
+from adaspec.core.engine.engine import RequestSpec, SpecEngine
+from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.errors import RequestError
 from drafters_for_tests import NoisyOracleDrafter, RecordingDrafter

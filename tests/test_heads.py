@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.drafters.eagle3 import Eagle3Drafter
 from adaspec.core.drafters.none import NoneDrafter
-from adaspec.core.engine.engine import FixedPolicy, Plan, SpecEngine
+from adaspec.core.engine.engine import SpecEngine
+from adaspec.core.step import FixedPolicy, Plan, PolicyBase
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads import sglang_eagle3_format as fmt
 from adaspec.core.heads.adaptive import (
@@ -28,7 +29,7 @@ from adaspec.core.heads.adaptive import (
 from adaspec.core.heads.eagle3 import Eagle3Head
 from adaspec.core.heads.export_sglang import CONFIG_FILE, check_export, export_sglang, load_sglang
 from adaspec.core.target import Target
-from adaspec.core.train_static import DistillData, StaticTrainArgs, StaticTrainer, train_static
+from adaspec.core.heads.train_static import DistillData, StaticTrainArgs, StaticTrainer, train_static
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,7 +112,7 @@ def test_ttt_unroll_equals_incremental_drafting(target):
             torch.testing.assert_close(head.logits_hidden(g[:, 0]), outs[i][:, t], rtol=1e-4, atol=1e-5)
 
 
-class Alternate:
+class Alternate(PolicyBase):
     """Policy alternating the static and adaptive drafters (both in one engine) with varying k."""
 
     def __init__(self) -> None:

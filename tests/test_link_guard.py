@@ -6,9 +6,9 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from adaspec.core.bench_controller import SyntheticLoad
+from adaspec.core.bench.controller import SyntheticLoad
 from adaspec.core.controller import AtlasPolicy, ControllerSettings
-from adaspec.core.link_guard import LinkGuard
+from adaspec.core.online.guard import LinkGuard
 from test_controller import STATIC_ADAPTIVE, run, state
 
 
@@ -19,7 +19,7 @@ class FakeSubscriber:
         self.last_contact: float | None = None
 
     def link_up(self, timeout_s: float, now: float | None = None) -> bool:
-        from adaspec.core.weights import WeightSubscriber
+        from adaspec.core.online.weights import WeightSubscriber
 
         return WeightSubscriber.link_up(self, timeout_s, now)  # type: ignore[arg-type]
 
@@ -81,8 +81,9 @@ def test_an_unguarded_drafter_comes_back_when_available_again():
 
 
 def test_policies_without_availability_are_left_alone():
-    from adaspec.core.engine.engine import FixedPolicy
-
+    from adaspec.core.step import FixedPolicy, Plan
     guard = LinkGuard(FakeSubscriber(), ["adaptive"], 1.0, registry=CollectorRegistry())
-    guard.attach(FixedPolicy("adaptive", 3))
-    assert guard.listeners == [] and guard.check() is False
+    policy = FixedPolicy("adaptive", 3)
+    guard.attach(policy)
+    assert guard.check() is False
+    assert policy.plan([object()]) == [Plan("adaptive", 3)]  # a fixed policy keeps its plan: nothing to choose

@@ -12,7 +12,7 @@ import torch
 
 from adaspec.core.datasets import load_prompts
 from adaspec.core.drafters.registry import available
-from adaspec.core.engine.engine import FixedPolicy
+from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.model

@@ -10,7 +10,8 @@ import torch
 from adaspec import kernels
 from adaspec.core.drafters.none import NoneDrafter
 from adaspec.core.drafters.prompt_lookup import PromptLookupDrafter
-from adaspec.core.engine.engine import FixedPolicy, SpecEngine
+from adaspec.core.engine.engine import SpecEngine
+from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams, target_probs
 from drafters_for_tests import SampledQDrafter
 from stats_helpers import ALPHA, goodness_of_fit, tv_bound

@@ -11,16 +11,16 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from adaspec.core.engine.engine import Plan
+from adaspec.core.step import Plan
 from adaspec.core.errors import ConfigError
 from adaspec.core.heads.adaptive import AdaptiveConfig, AdaptiveHead
-from adaspec.core.transport import Transport
-from adaspec.core.transport_config import TransportSettings
-from adaspec.core.wire import WeightUpdate
+from adaspec.core.online.transport import Transport
+from adaspec.core.online.settings import TransportSettings
+from adaspec.core.online.wire import WeightUpdate
 from adaspec.sglang_ext.assembly import build_runtime
 from adaspec.sglang_ext.runtime import STATIC, ReqView
 from adaspec.sglang_ext.settings import load_plugin_settings
-from adaspec.sidecar.base import write_base
+from adaspec.core.heads.adaptive_base import write_base
 
 V, D = 40, 8
 

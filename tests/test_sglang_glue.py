@@ -15,17 +15,17 @@ from prometheus_client import CollectorRegistry
 
 from adaspec.core.controller import AtlasPolicy, ControllerSettings
 from adaspec.core.drafters.adaptive import AdaptiveDrafter
-from adaspec.core.drafters.base import Draft
+from adaspec.core.drafters.base import Draft, DrafterBase
 from adaspec.core.drafters.suffix import SuffixDrafter
-from adaspec.core.engine.engine import Plan
+from adaspec.core.step import Plan, PolicyBase, StepRecord
 from adaspec.core.errors import ConfigError
 from adaspec.core.heads.adaptive import AdaptiveConfig, AdaptiveHead
-from adaspec.core.log_publisher import LogPublisher
-from adaspec.core.weights import WeightStager
-from adaspec.core.wire import LogBatch, WeightUpdate, decode
+from adaspec.core.online.logs import LogPublisher
+from adaspec.core.online.weights import WeightStager
+from adaspec.core.online.wire import LogBatch, WeightUpdate, decode
 from adaspec.sglang_ext.chain import accepted_rows, batch_steps, chain_rows, overlay_chains
 from adaspec.sglang_ext.hidden_tap import FinalHiddenTap, logits_forward_hook, TAP
-from adaspec.sglang_ext.logs import BackgroundSender, StepLogs, VersionedSink
+from adaspec.sglang_ext.logs import BackgroundSender, PublisherSink, StepLogs
 from adaspec.sglang_ext.runtime import STATIC, AtlasRuntime, ReqView
 from adaspec.sglang_ext.settings import load_plugin_settings
 from adaspec.sglang_ext.spec import validate_atlas_args
@@ -70,7 +70,7 @@ def test_accepted_rows_index_the_last_committed_position():
 # -- the runtime ---------------------------------------------------------------------------------------------
 
 
-class ScriptedPolicy:
+class ScriptedPolicy(PolicyBase):
     """Plans from a script; records what it was given (the runtime's contract with AtlasPolicy)."""
 
     def __init__(self, plans, trim_to=None):
@@ -79,7 +79,7 @@ class ScriptedPolicy:
 
     def plan(self, rows):
         self.rows = rows
-        return [self.plans.get(r.spec.request_id, Plan(None, 0)) for r in rows]
+        return [self.plans.get(r.request_id, Plan(None, 0)) for r in rows]
 
     def trim(self, request, drafter, draft):
         return len(draft.tokens) if self.trim_to is None else self.trim_to
@@ -91,7 +91,7 @@ class ScriptedPolicy:
         self.finished.append(rid)
 
 
-class FakeDrafter:
+class FakeDrafter(DrafterBase):
     def __init__(self, name, proposals=None, events=None):
         self.name, self.proposals, self.events = name, proposals or {}, events if events is not None else []
         self.started, self.finished_reqs, self.observed = [], [], []
@@ -123,7 +123,7 @@ def test_plan_assigns_static_rows_to_eagle_and_proposes_chains():
     assert plan.chains[0] is None and plan.chains[2] is None
     assert plan.chains[1].tokens == [7, 8, 9, 10, 11]  # cut to k=5
     assert plan.steps == 6 and plan.uses_static
-    assert pol.rows[0].pending == (4,) and pol.rows[0].spec.tenant == "t"
+    assert pol.rows[0].pending == (4,) and pol.rows[0].tenant == "t"
     assert suf.started == ["a", "b", "c"]
 
 
@@ -142,7 +142,7 @@ class PeekingPolicy(ScriptedPolicy):
     peek, peek_k = ("suffix",), 6
 
     def peeked(self, drafter, rows, drafts):
-        self.seen = (drafter, [r.spec.request_id for r in rows], [list(d.tokens) for d in drafts])
+        self.seen = (drafter, [r.request_id for r in rows], [list(d.tokens) for d in drafts])
 
 
 def test_peeked_drafts_reach_the_policy_before_planning_and_are_not_proposed_twice():
@@ -322,7 +322,7 @@ def test_weights_apply_in_place_at_batch_start_before_any_draft():
             return [Draft([1], [0.5]) for _ in reqs]
 
     sent = []
-    rt = AtlasRuntime(ScriptedPolicy({"a": Plan("probe", 1)}), {"probe": Probe("probe")}, [0, 1],
+    rt = AtlasRuntime(ScriptedPolicy({"a": Plan("adaptive", 1)}), {"adaptive": Probe("adaptive")}, [0, 1],
                       stagers=[stager], sender=SimpleNamespace(submit=sent.append))
     new = {n: torch.full_like(t, 0.25) for n, t in head.state_dict().items()}
     assert stager.offer(WeightUpdate.build("adaptive", 1, new))  # arrives mid-step: staged, not applied
@@ -332,7 +332,7 @@ def test_weights_apply_in_place_at_batch_start_before_any_draft():
     assert pause > 0.0 and events == [("propose", 0.25)]  # the whole step drafts with the new version
     assert {n: p.data_ptr() for n, p in head.state_dict().items()} == ptrs  # in place: graphs stay valid
     rt.complete(plan, [1], [3, 0], [4, 1])
-    assert sent[0].versions == {"adaptive": 1}
+    assert [r.weight_version for r in sent[0].records] == [1]  # the logs say which version drafted the step
     assert rt.begin_batch() == 0.0  # nothing staged: nothing applied
 
 
@@ -366,25 +366,23 @@ def test_background_sender_survives_a_failing_sink():
     sender.close()
 
 
-def test_versioned_sink_publishes_each_step_with_its_weight_version():
-    from adaspec.core.engine.engine import StepRecord
-
+def test_publisher_sink_publishes_each_step_with_its_weight_version():
     wire = []
     pub = LogPublisher(lambda data: wire.append(data) or True, "srv", batch_entries=1, feature_sample_rate=1.0,
                        registry=CollectorRegistry())
-    sink = VersionedSink(pub)
+    sink = PublisherSink(pub)
 
-    def rec(step, feats):
+    def rec(step, feats, version):
         r = StepRecord(step=step, request_id="r", tenant="t", drafter="adaptive", k=2, drafted=2, accepted=1,
                        emitted=2, confidence=[0.5, 0.1], batch_size=1, chunk_tokens=3, draft_s=0.0, verify_s=0.0,
-                       prefill=False, draft_tokens=[3, 4], emitted_tokens=[3, 9])
+                       prefill=False, draft_tokens=[3, 4], emitted_tokens=[3, 9], weight_version=version)
         r.features = feats
         return r
 
     waited = []
-    sink(StepLogs([rec(1, torch.ones(2, 4))], {"adaptive": 3}, SimpleNamespace(synchronize=lambda: waited.append(1))))
+    sink(StepLogs([rec(1, torch.ones(2, 4), 3)], SimpleNamespace(synchronize=lambda: waited.append(1))))
     assert waited == [1]  # device features: the sender waits for them, never the serving thread
-    sink(StepLogs([rec(2, None)], {"adaptive": 4}))
+    sink(StepLogs([rec(2, None, 4)]))
     batches = [decode(b, expect=LogBatch) for b in wire]
     assert [b.entries[0].weight_version for b in batches] == [3, 4]
     assert batches[0].entries[0].features.shape == [2, 4] and batches[1].entries[0].features is None

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from adaspec.core.cli import app as root_app
 from adaspec.core.heads.adaptive import AdaptiveHead
-from adaspec.sidecar.base import write_base
+from adaspec.core.heads.adaptive_base import write_base
 from adaspec.sidecar.service import SidecarService
 from adaspec.sidecar.settings import SidecarSettings
 from sidecar_helpers import chaotic_target, cleanup, short_dir, transport_settings

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from adaspec.core.log_publisher import LogMetrics
-from adaspec.core.serving_metrics import EngineMetrics
-from adaspec.core.weights import WeightMetrics
+from adaspec.core.metrics import LogMetrics
+from adaspec.core.metrics import EngineMetrics
+from adaspec.core.metrics import WeightMetrics
 from adaspec.sidecar.metrics import SidecarMetrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "adaspec-dashboard.json"

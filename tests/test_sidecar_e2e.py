@@ -28,12 +28,14 @@ from adaspec.core.controller import AtlasPolicy, ControllerSettings
 from adaspec.core.datasets import load_prompts, shared_data_dir
 from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.drafters.registry import make_drafter
-from adaspec.core.engine.engine import FixedPolicy, SpecEngine
+from adaspec.core.engine.engine import SpecEngine
+from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads.adaptive import IGNORE, AdaptiveFeatures, AdaptiveHead
-from adaspec.core.online import OnlineAdaptive, spawn_sidecar
+from adaspec.core.online.attach import OnlineAdaptive
+from adaspec.sidecar.process import spawn_sidecar
 from adaspec.core.target import load_target
-from adaspec.core.wire import LogBatch
+from adaspec.core.online.wire import LogBatch
 from adaspec.sidecar.gate import replay_accepted
 from adaspec.sidecar.samples import StreamAssembler
 from sidecar_helpers import capture_entries, cleanup, short_dir, transport_settings

@@ -18,14 +18,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from adaspec.core.heads.adaptive import AdaptiveHead
-from adaspec.core.online import OnlineAdaptive
-from adaspec.core.transport import bind, topic
-from adaspec.core.transport_config import TransportSettings
-from adaspec.core.wire import (
+from adaspec.core.online.attach import OnlineAdaptive
+from adaspec.core.online.transport import bind, topic
+from adaspec.core.online.settings import TransportSettings
+from adaspec.core.online.wire import (
     SCHEMA_VERSION, AdminReply, WeightUpdate, decode, encode, named_tensor, tensor_to_blob, weights_checksum,
 )
 from adaspec.sidecar.admin import COMMANDS
-from adaspec.sidecar.base import write_base
+from adaspec.core.heads.adaptive_base import write_base
 from adaspec.sidecar.service import SidecarService
 from adaspec.sidecar.settings import SidecarSettings
 from sidecar_helpers import VOCAB, chaotic_target, cleanup, engine_with_adaptive, short_dir
@@ -100,7 +100,7 @@ def rig(target):
 
 def _entry(**kw) -> dict:
     e = dict(step=1, request_id="r", tenant="evil", drafter="adaptive", k=3, drafted=2, accepted=1, emitted=2,
-             drafted_tokens=[5, 6], emitted_tokens=[5, 7], confidence=[0.5, 0.5], weight_version=0, prefill=False,
+             draft_tokens=[5, 6], emitted_tokens=[5, 7], confidence=[0.5, 0.5], weight_version=0, prefill=False,
              features=tensor_to_blob(torch.randn(2, 64)).model_dump())
     e.update(kw)
     return e
@@ -174,7 +174,7 @@ def test_nan_inf_and_misshapen_features(rig, bad, n, flip):
 INVALID_ENTRIES = st.sampled_from([
     {"accepted": 3},  # accepted > drafted
     {"emitted": 5},
-    {"drafted_tokens": [1]},
+    {"draft_tokens": [1]},
     {"emitted_tokens": [-1, 4]},
     {"confidence": [1.5, 0.2]},
     {"confidence": [float("nan"), 0.2]},

@@ -11,13 +11,13 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from adaspec.core.engine.engine import FixedPolicy
+from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads.adaptive import AdaptiveHead
-from adaspec.core.online import OnlineAdaptive
-from adaspec.core.transport import Transport
-from adaspec.core.wire import LogBatch, StepEntry
-from adaspec.sidecar.base import write_base
+from adaspec.core.online.attach import OnlineAdaptive
+from adaspec.core.online.transport import Transport
+from adaspec.core.online.wire import LogBatch, StepEntry
+from adaspec.core.heads.adaptive_base import write_base
 from adaspec.sidecar.service import SidecarService
 from adaspec.sidecar.settings import SidecarSettings
 from sidecar_helpers import (
@@ -162,7 +162,7 @@ def test_admin_commands(target, root):
 
 def _entries(version: int, n: int, drafted: int, accepted: int) -> list[StepEntry]:
     return [StepEntry(step=i, request_id=f"r{version}-{i}", tenant="t", drafter="adaptive", k=drafted,
-                      drafted=drafted, accepted=accepted, emitted=accepted + 1, drafted_tokens=[], emitted_tokens=[],
+                      drafted=drafted, accepted=accepted, emitted=accepted + 1, draft_tokens=[], emitted_tokens=[],
                       confidence=[], weight_version=version) for i in range(n)]
 
 
@@ -200,7 +200,7 @@ def test_automatic_rollback_republishes_the_previous_weights(target, root):
 
 
 def _encode(msg):
-    from adaspec.core.wire import encode
+    from adaspec.core.online.wire import encode
 
     return encode(msg)
 

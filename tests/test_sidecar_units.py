@@ -9,15 +9,15 @@ import os
 import pytest
 import torch
 
-from adaspec.core.engine.engine import FixedPolicy
+from adaspec.core.step import FixedPolicy
 from adaspec.core.errors import ConfigError
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads.adaptive import IGNORE, AdaptiveFeatures, AdaptiveHead
-from adaspec.core.wire import LogBatch, StepEntry, tensor_to_blob
-from adaspec.sidecar.base import read_base, write_base
+from adaspec.core.online.wire import LogBatch, StepEntry, tensor_to_blob
+from adaspec.core.heads.adaptive_base import read_base, write_base
 from adaspec.sidecar.checkpoint import CheckpointError, CheckpointStore, TrainerState, VersionRecord, export_head
 from adaspec.sidecar.gate import decide, estimate_tau, replay_accepted
-from adaspec.sidecar.replay import ReplayBuffer
+from adaspec.sidecar.buffer import ReplayBuffer
 from adaspec.sidecar.samples import StreamAssembler
 from adaspec.sidecar.served import ServedStats
 from adaspec.sidecar.settings import SidecarSettings, load_sidecar_settings
@@ -116,7 +116,7 @@ def test_unsampled_entries_break_the_stream(logged):
 
 def _decode_entry(rows: int, accepted: int = 1, **kw) -> StepEntry:
     base = dict(step=1, request_id="r", tenant="t", drafter="adaptive", k=3, drafted=2, accepted=accepted,
-                emitted=accepted + 1, drafted_tokens=[5, 6], emitted_tokens=[5, 6][: accepted] + [7],
+                emitted=accepted + 1, draft_tokens=[5, 6], emitted_tokens=[5, 6][: accepted] + [7],
                 confidence=[], weight_version=0, features=tensor_to_blob(torch.randn(rows, 64)))
     base.update(kw)
     return StepEntry(**base)
@@ -240,7 +240,7 @@ def test_gate_publishes_only_a_real_improvement(target):
 
 def _served_entry(version: int, drafted: int, accepted: int, tenant: str = "t") -> StepEntry:
     return StepEntry(step=1, request_id="r", tenant=tenant, drafter="adaptive", k=drafted, drafted=drafted,
-                     accepted=accepted, emitted=accepted + 1, drafted_tokens=[], emitted_tokens=[], confidence=[],
+                     accepted=accepted, emitted=accepted + 1, draft_tokens=[], emitted_tokens=[], confidence=[],
                      weight_version=version)
 
 

@@ -9,13 +9,13 @@ from typing import Sequence
 
 import pytest
 
-from adaspec.core.bench_suffix import run_benchmark, synthetic_workload
-from adaspec.core.drafters.base import Draft, Drafter, DraftRequest, Observation
+from adaspec.core.bench.suffix import run_benchmark, synthetic_workload
+from adaspec.core.drafters.base import Draft, Drafter, DrafterBase, DraftRequest, Observation
 from adaspec.core.drafters.suffix import SuffixDrafter
-from adaspec.core.drafters.suffix_cache import TenantCaches
-from adaspec.core.drafters.suffix_match import ContextMatcher
-from adaspec.core.drafters.suffix_tree import NO_CHILD, ROOT, SuffixIndex
-from adaspec.core.replay import ReplayRequest, simulate_greedy, simulate_greedy_batch
+from adaspec.core.drafters.suffix.cache import TenantCaches
+from adaspec.core.drafters.suffix.match import ContextMatcher
+from adaspec.core.drafters.suffix.tree import NO_CHILD, ROOT, SuffixIndex
+from adaspec.core.bench.suffix_replay import ReplayRequest, simulate_greedy, simulate_greedy_batch
 
 # ---------------------------------------------------------------------- helpers
 
@@ -318,7 +318,7 @@ def test_least_recently_used_tenant_is_dropped() -> None:
 # ---------------------------------------------------------------------- replay
 
 
-class _NullDrafter:
+class _NullDrafter(DrafterBase):
     name = "null"
     hidden_layers: tuple[int, ...] = ()
 
@@ -333,7 +333,7 @@ class _NullDrafter:
 
 
 @dataclass
-class _ScriptedDrafter:
+class _ScriptedDrafter(DrafterBase):
     """Proposes a fixed draft per step and records every call."""
 
     drafts: list[list[int]]

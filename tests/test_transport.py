@@ -17,12 +17,12 @@ import zmq.auth
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from adaspec.core import transport as T
-from adaspec.core.engine.engine import StepRecord
-from adaspec.core.log_publisher import LogPublisher
-from adaspec.core.transport_config import CurveKeys, TransportSettings
-from adaspec.core.weights import WeightStager, WeightSubscriber
-from adaspec.core.wire import AdminReply, LogBatch, WeightUpdate, encode
+from adaspec.core.online import transport as T
+from adaspec.core.step import StepRecord
+from adaspec.core.online.logs import LogPublisher
+from adaspec.core.online.settings import CurveKeys, TransportSettings
+from adaspec.core.online.weights import WeightStager, WeightSubscriber
+from adaspec.core.online.wire import AdminReply, LogBatch, WeightUpdate, encode
 
 WAIT_MS = 3000  # generous upper bound for things that should arrive; absent things are waited for less
 
@@ -75,7 +75,7 @@ def _record(i: int, drafter: str | None = "suffix") -> StepRecord:
     k = 2 if drafter else 0
     return StepRecord(step=i, request_id=f"r{i % 3}", tenant="t", drafter=drafter, k=k, drafted=k,
                       accepted=min(1, k), emitted=min(1, k) + 1, confidence=[0.5] * k, batch_size=1,
-                      chunk_tokens=k + 1, draft_s=0.0, verify_s=0.0, prefill=False)
+                      chunk_tokens=k + 1, draft_s=0.0, verify_s=0.0, prefill=False, weight_version=7 if drafter else 0)
 
 
 # -- logs ---------------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def test_log_publisher_over_sockets(transport):
     registry = CollectorRegistry()
     puller = transport.log_puller()
     pub = LogPublisher.from_transport(transport, "srv-1", batch_entries=4, flush_s=10.0, feature_sample_rate=1.0,
-                                      version_of=lambda d: 7, features_of=lambda rec: torch.ones(rec.accepted + 1, 2),
+                                      features_of=lambda rec: torch.ones(rec.accepted + 1, 2),
                                       registry=registry)
     try:
         pub([_record(i) for i in range(3)])  # 3 < 4 entries and flush_s not reached: buffered

@@ -6,8 +6,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from adaspec.core import weights as W
-from adaspec.core.wire import WeightUpdate, named_tensor, weights_checksum
+from adaspec.core.online import weights as W
+from adaspec.core.online.wire import WeightUpdate, named_tensor, weights_checksum
 
 
 class Head(torch.nn.Module):
@@ -175,17 +175,17 @@ def test_metrics_shared_per_registry(head, registry):
 def test_stager_as_engine_between_steps_hook(head, registry):
     """Fits SpecEngine.between_steps: the engine calls it with no arguments before each step."""
     from adaspec.core.drafters.base import Draft
-    from adaspec.core.engine.engine import FixedPolicy, SpecEngine
+    from adaspec.core.engine.engine import SpecEngine
+    from adaspec.core.step import FixedPolicy
     from adaspec.core.engine.sampling import SamplingParams
 
     from tiny_models import make_tiny_target
 
-    class Echo:
-        name, hidden_layers = "echo", ()
+    from adaspec.core.drafters.base import DrafterBase
 
-        def start(self, r): ...
-        def observe(self, o): ...
-        def finish(self, r): ...
+    class Echo(DrafterBase):
+        name = "echo"
+
         def propose(self, rs, ks):
             return [Draft([1] * k, [0.5] * k) for k in ks]
 

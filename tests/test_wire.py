@@ -8,9 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaspec.core import wire
-from adaspec.core.engine.engine import StepRecord
-from adaspec.core.wire import (
+from adaspec.core.online import wire
+from adaspec.core.step import StepRecord
+from adaspec.core.online.wire import (
     Ack,
     AdminReply,
     AdminRequest,
@@ -30,7 +30,7 @@ FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCh
 def _entry(**kw) -> StepEntry:
     base = dict(
         step=3, request_id="r1", tenant="t", drafter="suffix", k=4, drafted=3, accepted=2, emitted=3,
-        drafted_tokens=[5, 6, 7], emitted_tokens=[5, 6, 9], confidence=[0.9, 0.5, 0.1], weight_version=2,
+        draft_tokens=[5, 6, 7], emitted_tokens=[5, 6, 9], confidence=[0.9, 0.5, 0.1], weight_version=2,
         prefill=False, features=wire.tensor_to_blob(torch.randn(3, 2, 8)),
     )
     base.update(kw)
@@ -50,7 +50,7 @@ def _update(version: int = 1) -> WeightUpdate:
 
 MESSAGES = [
     LogBatch(server_id="srv-a", seq=7, entries=[_entry(), _entry(drafter=None, k=0, drafted=0, accepted=0,
-                                                                    emitted=1, drafted_tokens=[],
+                                                                    emitted=1, draft_tokens=[],
                                                                     emitted_tokens=[], confidence=[],
                                                                     features=None)]),
     _update(),
@@ -103,15 +103,15 @@ def test_checksum_is_canonical_and_sensitive():
 def test_entry_from_step_record():
     rec = StepRecord(step=2, request_id="q", tenant="acme", drafter="suffix", k=4, drafted=3, accepted=1,
                      emitted=2, confidence=[0.5, float("nan"), 1.0000001], batch_size=2, chunk_tokens=4,
-                     draft_s=0.0, verify_s=0.0, prefill=False)
-    e = wire.entry_from_record(rec, weight_version=5, features=torch.ones(2, 1, 4))
+                     draft_s=0.0, verify_s=0.0, prefill=False, weight_version=5)
+    e = wire.entry_from_record(rec, features=torch.ones(2, 1, 4))
     assert (e.request_id, e.tenant, e.drafter, e.k, e.accepted, e.weight_version) == ("q", "acme", "suffix", 4, 1, 5)
-    assert e.drafted_tokens == [] and e.confidence == [0.5, 0.0, 1.0]
+    assert e.draft_tokens == [] and e.confidence == [0.5, 0.0, 1.0]
     assert torch.equal(wire.blob_to_tensor(e.features), torch.ones(2, 1, 4))
-    e2 = wire.entry_from_record(rec, drafted_tokens=[1, 2, 3], emitted_tokens=[1, 4])
-    assert e2.drafted_tokens == [1, 2, 3] and e2.emitted_tokens == [1, 4]
+    e2 = wire.entry_from_record(rec, draft_tokens=[1, 2, 3], emitted_tokens=[1, 4])
+    assert e2.draft_tokens == [1, 2, 3] and e2.emitted_tokens == [1, 4]
     with pytest.raises(Exception):
-        wire.entry_from_record(rec, drafted_tokens=[1, 2])  # must match the count
+        wire.entry_from_record(rec, draft_tokens=[1, 2])  # must match the count
 
 
 def _raw(msg) -> dict:
@@ -122,7 +122,8 @@ def _pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-@pytest.mark.parametrize("version,reason", [(0, wire.SCHEMA_OLD), (2, wire.SCHEMA_NEW), (None, wire.SCHEMA_MISSING),
+@pytest.mark.parametrize("version,reason", [(wire.SCHEMA_VERSION - 1, wire.SCHEMA_OLD),
+                                            (wire.SCHEMA_VERSION + 1, wire.SCHEMA_NEW), (None, wire.SCHEMA_MISSING),
                                             ("1", wire.SCHEMA_MISSING), (True, wire.SCHEMA_MISSING)])
 def test_schema_version_is_checked(version, reason):
     obj = _raw(Hello(server_id="s", drafters=[]))
@@ -134,7 +135,7 @@ def test_schema_version_is_checked(version, reason):
         decode(_pack(obj))
     assert exc.value.reason == reason
     with pytest.raises(WireError) as exc:
-        encode(Hello(server_id="s", drafters=[], schema_version=2))
+        encode(Hello(server_id="s", drafters=[], schema_version=wire.SCHEMA_VERSION + 1))
     assert exc.value.reason == wire.SCHEMA_NEW
 
 
@@ -161,8 +162,8 @@ def test_unexpected_kind():
     lambda o: o.update(seq=True),                                          # bool for int
     lambda o: o.update(seq=-1),                                            # out of range
     lambda o: o.update(extra=1),                                           # unknown field
-    lambda o: o["entries"][0].update(drafted_tokens=[1.5, 2, 3]),          # float token
-    lambda o: o["entries"][0].update(drafted_tokens=[-1, 2, 3]),           # negative token
+    lambda o: o["entries"][0].update(draft_tokens=[1.5, 2, 3]),          # float token
+    lambda o: o["entries"][0].update(draft_tokens=[-1, 2, 3]),           # negative token
     lambda o: o["entries"][0].update(accepted=4),                          # accepted > drafted
     lambda o: o["entries"][0].update(confidence=[2.0, 0.1, 0.1]),          # confidence > 1
     lambda o: o["entries"][0]["features"].update(shape=[3, 2, 9]),         # bytes != dtype x shape

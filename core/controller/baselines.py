@@ -1,5 +1,5 @@
-"""Policies ATLAS is measured against: fixed-k drafters, SGLang 0.5.17's `--speculative-adaptive`, and a
-hindsight oracle for trace replay. Plus `make_policy`, the by-name lookup benchmarks and the CLI use.
+"""Policies ATLAS is measured against (besides the fixed-k `FixedPolicy`): SGLang 0.5.17's
+`--speculative-adaptive`, and a hindsight oracle for trace replay. By name: `adaspec.core.controller.registry`.
 
 SGLang re-implementation, followed line by line from the sglang 0.5.17 wheel:
 `sglang/srt/speculative/adaptive_spec_params.py` -- `DEFAULT_ADAPTIVE_CONFIG`, `_load_adaptive_config`,
@@ -20,28 +20,8 @@ import math
 from typing import Callable, Mapping, Sequence
 
 from adaspec.core.controller.costs import CostModel
-from adaspec.core.controller.policy import AtlasPolicy
-from adaspec.core.controller.settings import ControllerSettings
-from adaspec.core.engine.engine import FixedPolicy, Plan, Policy, RequestState, StepRecord
 from adaspec.core.errors import ConfigError
-
-# -- fixed-k baselines (the engine's FixedPolicy) ---------------------------------------------------------------
-
-
-def fixed_static(k: int) -> FixedPolicy:
-    """The static (EAGLE-3-style) head at a fixed lookahead: the speed floor."""
-    return FixedPolicy("static", k)
-
-
-def fixed_suffix(k: int) -> FixedPolicy:
-    """The model-free suffix-tree drafter at a fixed lookahead."""
-    return FixedPolicy("suffix", k)
-
-
-def adaptive_alone(k: int) -> FixedPolicy:
-    """The online-learning head alone at a fixed lookahead (no controller, no guardrail)."""
-    return FixedPolicy("adaptive", k)
-
+from adaspec.core.step import Plan, PlanRequest, PolicyBase, StepRecord
 
 # -- SGLang 0.5.17 --speculative-adaptive ------------------------------------------------------------------------
 
@@ -175,7 +155,7 @@ class SGLangAdaptiveParams:
         return self.slots[self._bs_list[max(0, i)]]
 
 
-class SGLangAdaptivePolicy:
+class SGLangAdaptivePolicy(PolicyBase):
     """SGLang's adaptive lookahead over one drafter: every request of a batch drafts the slot's current k."""
 
     def __init__(
@@ -190,7 +170,7 @@ class SGLangAdaptivePolicy:
         self.params.set_cuda_graph_bs(cuda_graph_bs)
         self._none = Plan(None, 0)
 
-    def plan(self, requests: Sequence[RequestState]) -> list[Plan]:
+    def plan(self, requests: Sequence[PlanRequest]) -> list[Plan]:
         if any(len(st.pending) > 1 for st in requests):
             return [self._none] * len(requests)  # SGLang drafts after prefill; only decode batches verify
         k = self.params.get_steps_for_batch(len(requests))
@@ -206,13 +186,14 @@ class SGLangAdaptivePolicy:
 # -- hindsight oracle for replay ----------------------------------------------------------------------------------
 
 #: oracle(request, drafter, k) -> how many of the k tokens `drafter` would draft now the target would accept.
-AcceptOracle = Callable[[RequestState, str, int], int]
+AcceptOracle = Callable[[PlanRequest, str, int], int]
 
 
-class OraclePolicy:
+class OraclePolicy(PolicyBase):
     """Best (drafter, k) per request in hindsight, priced with the same cost model ATLAS uses.
 
-    The replay harness supplies `oracle`. With `prefix_consistent` (chain drafters: a k-token draft is the
+    The replay harness supplies `oracle`, and `prepare(requests)` if it computes each step's answers in one
+    batched pass before `plan` reads them. With `prefix_consistent` (chain drafters: a k-token draft is the
     prefix of the longer one) a single query per drafter at the longest k suffices: accepted(k) = min(A, k).
     The batch goodput E/T is maximised exactly as in ATLAS (Dinkelbach over the separable choices).
     """
@@ -225,14 +206,16 @@ class OraclePolicy:
         max_k: int = 8,
         prefix_consistent: bool = True,
         iters: int = 4,
+        prepare: Callable[[Sequence[PlanRequest]], None] | None = None,
     ) -> None:
         self.names = [d for d in dict.fromkeys(drafters) if d and d != "none"]
         self.oracle = oracle
+        self.prepare = prepare
         self.costs = costs if costs is not None else CostModel()
         self.max_k, self.prefix_consistent, self.iters = max_k, prefix_consistent, iters
         self._none = Plan(None, 0)
 
-    def _accepts(self, st: RequestState, kcap: int) -> list[list[int]]:
+    def _accepts(self, st: PlanRequest, kcap: int) -> list[list[int]]:
         """Per drafter: accepted tokens for k = 1..kcap."""
         out = []
         for d in self.names:
@@ -243,10 +226,12 @@ class OraclePolicy:
                 out.append([min(k, max(0, self.oracle(st, d, k))) for k in range(1, kcap + 1)])
         return out
 
-    def plan(self, requests: Sequence[RequestState]) -> list[Plan]:
+    def plan(self, requests: Sequence[PlanRequest]) -> list[Plan]:
         B = len(requests)
         if B == 0:
             return []
+        if self.prepare is not None:
+            self.prepare(requests)  # at a prefill, drafters without state propose nothing
         cm = self.costs
         cost = [cm.b + cm.amortised_draft_cost(d, B) for d in self.names]
         table = []
@@ -279,39 +264,3 @@ class OraclePolicy:
 
     def feedback(self, records: Sequence[StepRecord]) -> None:
         self.costs.observe(records)
-
-
-# -- by name ----------------------------------------------------------------------------------------------------
-
-POLICY_NAMES = ("atlas", "fixed-static", "fixed-suffix", "adaptive-alone", "sglang-adaptive")
-
-
-def policy_drafters(name: str, available: Sequence[str]) -> list[str]:
-    """The drafters a runtime must load for policy `name` (ATLAS: every available one but "none")."""
-    fixed = {"fixed-static": "static", "fixed-suffix": "suffix", "adaptive-alone": "adaptive",
-             "sglang-adaptive": "static"}
-    if name == "atlas":
-        return [d for d in available if d != "none"]
-    if name in fixed:
-        return [fixed[name]]
-    raise ConfigError(f"unknown policy {name!r}; available: {', '.join(POLICY_NAMES)}")
-
-
-def make_policy(
-    name: str,
-    drafters: Sequence[str] = ("static", "adaptive", "suffix"),
-    k: int = 6,
-    settings: ControllerSettings | None = None,
-) -> Policy:
-    """A policy by name (benchmarks, CLI). `k` is the lookahead of the fixed-k baselines."""
-    if name == "atlas":
-        return AtlasPolicy(drafters, settings)
-    if name == "fixed-static":
-        return fixed_static(k)
-    if name == "fixed-suffix":
-        return fixed_suffix(k)
-    if name == "adaptive-alone":
-        return adaptive_alone(k)
-    if name == "sglang-adaptive":
-        return SGLangAdaptivePolicy("static" if "static" in drafters else drafters[0])
-    raise ConfigError(f"unknown policy {name!r}; available: {', '.join(POLICY_NAMES)}")

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from adaspec.core.engine.engine import StepRecord
-
+from adaspec.core.step import StepRecord
 _TOK_SCALE = 100.0  # feature scaling: tokens / 100, batch / 10
 _BATCH_SCALE = 10.0
 _MIN_B = 1e-12  # a verified token never costs exactly nothing (keeps the planner's ratios finite)

@@ -41,8 +41,7 @@ from adaspec.core.controller.calibration import Calibrator
 from adaspec.core.controller.costs import CostModel
 from adaspec.core.controller.settings import ControllerSettings
 from adaspec.core.drafters.base import Draft, DraftRequest
-from adaspec.core.engine.engine import Plan, RequestState, StepRecord
-
+from adaspec.core.step import Plan, PlanRequest, PolicyBase, StepRecord
 Curves = list  # list[list[float] | None], one survival curve per drafter index
 #: A tenant's warm start (the global curve) weighs at most as many drafts as this.
 _TENANT_PRIOR_DRAFTS = 8
@@ -103,8 +102,10 @@ def make_calibrator(s: ControllerSettings) -> Calibrator:
     )
 
 
-class AtlasPolicy:
-    """The engine `Policy` (plan/feedback) plus the optional `trim(request, drafter, draft) -> int` hook."""
+class AtlasPolicy(PolicyBase):
+    """ATLAS over named drafters: `plan`/`feedback`, plus the `peek`, `peeked`, `trim`, `finish` and
+    `set_available` hooks of `PolicyBase`. `plan` and `feedback` are hand-inlined loops (locals, no helper
+    calls per row) because they run for every request every step within a ~50 us budget."""
 
     def __init__(
         self,
@@ -146,8 +147,6 @@ class AtlasPolicy:
         self._rows: list[_Req] = []
         self._tgt = [0.0] * K
         self._explore_seed = s.seed
-        if not s.trim:
-            self.trim = None  # type: ignore[assignment]  # the engine checks `getattr(policy, "trim", None)`
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _tenant(self, name: str) -> _Group:
@@ -208,7 +207,7 @@ class AtlasPolicy:
     def peek_k(self) -> int:
         return self.settings.max_k
 
-    def peeked(self, drafter: str, requests: Sequence[RequestState], drafts: Sequence[Draft]) -> None:
+    def peeked(self, drafter: str, requests: Sequence[PlanRequest], drafts: Sequence[Draft]) -> None:
         """This step's proposals of a cheap drafter: once its calibration has evidence, the planner prices it per
         request from the calibrated confidence of the draft it actually has (an empty draft: nothing to gain)
         instead of from running statistics -- a domain change shows at once, not after a few drafts."""
@@ -217,16 +216,15 @@ class AtlasPolicy:
             return
         cal, step, D = self.calibrators[d], self.step + 1, len(self.names)
         for st, draft in zip(requests, drafts):
-            spec = st.spec
-            r = self.requests.get(spec.request_id)
+            r = self.requests.get(st.request_id)
             if r is None:
-                r = self._admit(spec.request_id, spec.tenant)
+                r = self._admit(st.request_id, st.tenant)
             if r.peek_step != step:
                 r.peek, r.peek_step = [None] * D, step
             r.peek[d] = cal.cumulative(draft.confidence) if draft.tokens else []
 
     # -- plan ------------------------------------------------------------------------------------------------------
-    def plan(self, requests: Sequence[RequestState]) -> list[Plan]:
+    def plan(self, requests: Sequence[PlanRequest]) -> list[Plan]:
         B = len(requests)
         if B == 0:
             return []
@@ -257,10 +255,9 @@ class AtlasPolicy:
         reqs = self.requests
         pending = 0
         for st in requests:
-            spec = st.spec
-            r = reqs.get(spec.request_id)
+            r = reqs.get(st.request_id)
             if r is None:
-                r = self._admit(spec.request_id, spec.tenant)
+                r = self._admit(st.request_id, st.tenant)
             room = st.max_new_tokens - len(st.output) - 1
             r.kcap = K if room >= K else (room if room > 0 else 0)
             r.explore = False
@@ -383,15 +380,16 @@ class AtlasPolicy:
                         break
 
     # -- trim (engine hook, after propose) ---------------------------------------------------------------------------
-    def trim(self, request: RequestState | DraftRequest, drafter: str, draft: Draft) -> int:
+    def trim(self, request: DraftRequest, drafter: str, draft: Draft) -> int:
         """How many leading tokens of `draft` to verify: stop where the next token's calibrated survival
-        probability times the batch's time per emitted token no longer covers its marginal cost.
+        probability times the batch's time per emitted token no longer covers its marginal cost (all of
+        them with `settings.trim` off).
 
         Engine hook, called once per request right after `propose` (before verification), with the drafter
         the plan named; only `request.request_id` is read, so a drafter-side wrapper can call it too."""
         n = len(draft.tokens)
         d = self.index.get(drafter)
-        if d is None or n == 0:
+        if d is None or n == 0 or not self.settings.trim:
             return n
         cal = self.calibrators[d]
         curve = cal.cumulative(draft.confidence)

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from adaspec.core.config import describe_validation_error
-from adaspec.core.errors import ConfigError
+from adaspec.core.config import load
 
 ENV_PREFIX = "ADASPEC_CONTROLLER_"
 
@@ -184,15 +183,4 @@ class ControllerSettings(BaseSettings):
 
 def load_controller_settings(**overrides: Any) -> ControllerSettings:
     """Build ControllerSettings from overrides and env; raise ConfigError naming each bad field and its env var."""
-    try:
-        return ControllerSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, ENV_PREFIX, "controller settings")) from None
-
-
-def controller_settings_table() -> list[tuple[str, str, str]]:
-    """(env var, default, description) rows for `adaspec config`-style listings."""
-    return [
-        (ENV_PREFIX + name.upper(), str(info.default), info.description or "")
-        for name, info in ControllerSettings.model_fields.items()
-    ]
+    return load(ControllerSettings, "controller settings", **overrides)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from adaspec.core.drafters.base import Draft, DraftRequest, Observation
+from adaspec.core.drafters.base import Draft, DraftRequest, DrafterBase, Observation
 from adaspec.core.heads.adaptive import AdaptiveFeatures, AdaptiveHead, features_from_stream
 
 
@@ -30,7 +30,7 @@ class _Stream:
     first: int = 0
 
 
-class AdaptiveDrafter:
+class AdaptiveDrafter(DrafterBase):
     """Drafter protocol over an `AdaptiveHead`; greedy chains, confidence = the head's softmax probability."""
 
     hidden_layers: tuple[int, ...] = (-1,)

@@ -77,12 +77,15 @@ class Observation:
 
 @runtime_checkable
 class Drafter(Protocol):
-    """A source of draft tokens. Implementations live in `adaspec.core.drafters`."""
+    """A source of draft tokens. Implementations live in `adaspec.core.drafters` (over `DrafterBase`)."""
 
     name: str
     #: Target layers whose hidden states the drafter needs in `observe` (() = none). Index i means the output
     #: of decoder layer i (0-based); -1 means the final normed hidden state fed to the LM head.
     hidden_layers: tuple[int, ...]
+    #: Version of the weights it drafts with (0: its initial weights; model-free drafters stay at 0). Whoever
+    #: swaps weights in sets it, so every StepRecord carries the version its draft came from.
+    weight_version: int
 
     def start(self, request: DraftRequest) -> None:
         """A request enters the batch (prompt known, nothing generated yet)."""
@@ -95,3 +98,23 @@ class Drafter(Protocol):
 
     def finish(self, request: DraftRequest) -> None:
         """A request is complete (its full output is in request.tokens); drop per-request state."""
+
+
+class DrafterBase:
+    """`Drafter` with the optional parts declared: no hidden states, version 0, no per-request state."""
+
+    name: str = "drafter"
+    hidden_layers: tuple[int, ...] = ()
+    weight_version: int = 0
+
+    def start(self, request: DraftRequest) -> None:
+        """A request enters the batch."""
+
+    def observe(self, observations: Sequence[Observation]) -> None:
+        """The target has verified a step."""
+
+    def propose(self, requests: Sequence[DraftRequest], ks: Sequence[int]) -> list[Draft]:
+        raise NotImplementedError
+
+    def finish(self, request: DraftRequest) -> None:
+        """A request is complete."""

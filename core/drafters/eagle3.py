@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from adaspec import kernels
-from adaspec.core.drafters.base import Draft, DraftRequest, Observation
+from adaspec.core.drafters.base import Draft, DraftRequest, DrafterBase, Observation
 from adaspec.core.heads.eagle3 import Eagle3Head
 
 
@@ -80,7 +80,7 @@ def pad_past(states: Sequence[_HeadState], device: torch.device) -> tuple[Tensor
     return k, v, valid
 
 
-class Eagle3Drafter:
+class Eagle3Drafter(DrafterBase):
     """Drafter protocol over an `Eagle3Head`; greedy chains, confidence = the head's softmax probability."""
 
     def __init__(self, head: Eagle3Head, name: str = "static") -> None:

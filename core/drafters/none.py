@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from adaspec.core.drafters.base import Draft, DraftRequest, Observation
+from adaspec.core.drafters.base import Draft, DraftRequest, DrafterBase, Observation
 
 
-class NoneDrafter:
+class NoneDrafter(DrafterBase):
     name = "none"
     hidden_layers: tuple[int, ...] = ()
 

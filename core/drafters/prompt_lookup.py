@@ -9,10 +9,10 @@ from typing import Sequence
 
 import torch
 
-from adaspec.core.drafters.base import Draft, DraftRequest, Observation
+from adaspec.core.drafters.base import Draft, DraftRequest, DrafterBase, Observation
 
 
-class PromptLookupDrafter:
+class PromptLookupDrafter(DrafterBase):
     """Longest n-gram (max_ngram down to min_ngram) suffix match, most recent occurrence first."""
 
     name = "prompt-lookup"

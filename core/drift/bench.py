@@ -16,10 +16,8 @@ plus `policies.<name>.phases.<phase>.{modeled_s,modeled_speedup,wall_tok_s,recov
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -27,8 +25,8 @@ import torch
 from adaspec.core.config import Settings
 from adaspec.core.controller.settings import ControllerSettings
 from adaspec.core.drafters.registry import make_drafter
-from adaspec.core.drift import policies as P
-from adaspec.core.drift.costs import StepCosts, load_or_measure, resolve_costs
+from adaspec.core.controller import registry as policy_registry
+from adaspec.core.drift.step_costs import StepCosts, load_or_measure, resolve_costs
 from adaspec.core.drift.metrics import summarize
 from adaspec.core.drift.runner import PolicyRun, run_policy
 from adaspec.core.drift.stream import PhaseSpec, build_stream, phase_labels
@@ -41,7 +39,7 @@ WINDOW = 16
 @dataclass
 class DriftArgs:
     phases: list[PhaseSpec]
-    policies: Sequence[str] = P.POLICIES
+    policies: Sequence[str] = policy_registry.names()
     k: int = 6
     batch_size: int = 4
     max_new_tokens: int = 128
@@ -60,7 +58,7 @@ def run_drift(args: DriftArgs, settings: Settings, target: Target, controller: C
     labels = phase_labels(args.phases)
     chat = settings.chat_template
     prompts = [target.encode(r.prompt, chat=chat) for r in stream]
-    needed = sorted({d for p in args.policies for d in P.drafters_for(p)})
+    needed = sorted({d for p in args.policies for d in policy_registry.drafters_for(p)})
     probe = {n: make_drafter(n, settings, target) for n in needed}
     store = TraceStore(settings.cache_dir / "traces", target)
     t0 = time.perf_counter()
@@ -102,7 +100,7 @@ def report(args: DriftArgs, stream, labels: list[str], runs: dict[str, PolicyRun
             policies[name]["controller_us_per_request_step_stream"] = run.controller_us
     ref = runs[next(iter(runs))].outputs
     identical = {name: run.outputs == ref for name, run in runs.items()}
-    from adaspec.core.bench_controller import run as controller_bench
+    from adaspec.core.bench.controller import run as controller_bench
 
     ctrl = controller_bench(batch=64, steps=200)
     out = {

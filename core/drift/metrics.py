@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from adaspec.core.drift.costs import StepCosts
-from adaspec.core.engine.engine import GenerationResult, StepRecord
-
+from adaspec.core.drift.step_costs import StepCosts
+from adaspec.core.engine.engine import GenerationResult
+from adaspec.core.step import StepRecord
 RECOVERY_FRACTION = 0.9
 
 

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from adaspec.core.controller.baselines import OraclePolicy
 from adaspec.core.drafters.base import Drafter
 from adaspec.core.drift.traces import Trace
-from adaspec.core.engine.engine import Plan, RequestState
-
-
-def accepted_prefix(draft: Sequence[int], output: Sequence[int], n: int) -> int:
-    """Length of the draft's prefix that matches output[n:] (greedy verification against a trace)."""
-    a = 0
-    while a < len(draft) and n + a < len(output) and draft[a] == output[n + a]:
-        a += 1
-    return a
+from adaspec.core.engine.engine import RequestState
+from adaspec.core.step import accepted_prefix
 
 
 class TraceOracle:
-    """Batched per step: `prepare` asks every drafter once for all requests (at the longest k), then the
-    `OraclePolicy` queries it per (request, drafter, k). Drafters' `propose` has no side effects."""
+    """Batched per step: `prepare` (the `OraclePolicy`'s prepare hook, before each plan) asks every drafter
+    once for all requests (at the longest k), then the policy queries it per (request, drafter, k).
+    Drafters' `propose` has no side effects."""
 
     def __init__(self, drafters: Mapping[str, Drafter], traces: Mapping[str, Trace], max_k: int) -> None:
         self.drafters, self.traces, self.max_k = drafters, traces, max_k
@@ -38,15 +31,3 @@ class TraceOracle:
 
     def __call__(self, st: RequestState, drafter: str, k: int) -> int:
         return min(k, self._acc.get((st.request_id, drafter), 0))
-
-
-class TraceOraclePolicy(OraclePolicy):
-    """`OraclePolicy` whose oracle is prepared, batched, before each plan."""
-
-    def __init__(self, oracle: TraceOracle, **kwargs) -> None:
-        super().__init__(oracle=oracle, **kwargs)
-        self.trace_oracle = oracle
-
-    def plan(self, requests: Sequence[RequestState]) -> list[Plan]:
-        self.trace_oracle.prepare(requests)  # at a prefill, drafters without state propose nothing
-        return super().plan(requests)

@@ -1,26 +1,27 @@
 """Exact replay of the engine on recorded greedy traces: the same drafters, policies and step loop, no model.
 
-`TraceEngine` is a `SpecEngine` whose verify step reads the target's answer from the request's trace instead
-of running the target: accepted = the longest prefix of the draft that matches the recorded output, the next
-token is the recorded one, and drafters observe the recorded hidden states of exactly the positions a live
-verify would have kept. Everything else -- planning, drafting (real drafter code), trimming, EOS/budget
-handling, admission and retirement -- is the engine's own code, so a replayed policy does what it would do
-live, step for step. The verify time in each StepRecord is modeled (`verify_time(tokens, batch)`), which
-keeps the controller's cost inputs, and thus its decisions, deterministic.
+`TraceEngine` is a `SpecEngine` whose forward and verify stages read the target's answer from the request's
+trace instead of running the target: accepted = the longest prefix of the draft that matches the recorded
+output, the next token is the recorded one, and drafters observe the recorded hidden states of exactly the
+positions a live verify would have kept. Everything else -- planning, drafting (real drafter code),
+trimming, committing (EOS/budget handling, records, observations, feedback), admission and retirement -- is
+the engine's own code, so a replayed policy does what it would do live, step for step. The verify time in
+each StepRecord is modeled (`verify_time(tokens, batch)`), which keeps the controller's cost inputs, and
+thus its decisions, deterministic.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from adaspec.core.drafters.base import Drafter, Observation
-from adaspec.core.engine.engine import Policy, RequestState, SpecEngine, StepRecord
+from adaspec.core.drafters.base import Draft, Drafter
+from adaspec.core.drift.traces import Trace
+from adaspec.core.engine.engine import Forward, RequestState, SpecEngine, Verdict
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.errors import RequestError
-from adaspec.core.drift.traces import Trace
+from adaspec.core.step import PolicyBase, accepted_prefix
 
 
 class _NoKV:
@@ -53,7 +54,7 @@ class TraceEngine(SpecEngine):
         self.verify_time = verify_time
         self.traces: dict[str, Trace] = {}
 
-    def generate(self, requests, params: SamplingParams, policy: Policy):
+    def generate(self, requests, params: SamplingParams, policy: PolicyBase):
         if not params.greedy:
             raise RequestError("trace replay is exact only for greedy decoding")
         return super().generate(requests, params, policy)
@@ -67,50 +68,29 @@ class TraceEngine(SpecEngine):
         except ValueError:
             raise RequestError(f"trace lacks layers {self.hidden_layers} (has {trace.layers})") from None
 
-    def _step(self, states: list[RequestState], kv, params: SamplingParams, policy: Policy, prefill: bool) -> None:
-        kv_lens = [len(st.spec.prompt) + len(st.output) - len(st.pending) for st in states]
-        plans, peeked, peek_s = self._plan(states, kv_lens, policy, prefill)
-        drafts, names, draft_s = self._draft(states, plans, kv_lens, policy, peeked)
-        draft_s += peek_s
-        B = len(states)
-        t0 = time.perf_counter()
-        verify_s = self.verify_time(sum(len(st.pending) + len(d.tokens) for st, d in zip(states, drafts)), B)
-        self.step_count += 1
-        observations: list[Observation] = []
-        records: list[StepRecord] = []
+    def _forward(self, states: Sequence[RequestState], drafts: Sequence[Draft], kv) -> Forward:  # type: ignore[override]
+        """No model: only the chunk shape (for the modeled verify time)."""
+        chunks = [st.pending + d.tokens for st, d in zip(states, drafts)]
+        pend = torch.tensor([len(st.pending) for st in states], dtype=torch.long)
+        dlen = torch.tensor([len(d.tokens) for d in drafts], dtype=torch.long)
+        return Forward(chunks, pend, dlen, max(len(c) for c in chunks), None, None, 0.0)
+
+    def _verify(self, states: Sequence[RequestState], drafts: Sequence[Draft], fwd: Forward, kv,  # type: ignore[override]
+                params: SamplingParams) -> Verdict:
+        """Accepted = the draft's prefix matching the recorded output; kept hidden rows from the trace."""
+        verify_s = self.verify_time(sum(len(c) for c in fwd.chunks), len(states))
+        accepted, next_tokens, kept, hidden = [], [], [], []
         for i, st in enumerate(states):
             trace = self.traces.get(st.request_id)
             if trace is None:
                 raise RequestError(f"no trace for request {st.request_id!r}")
             out, n, draft = trace.output, len(st.output), drafts[i].tokens
-            a = 0
-            while a < len(draft) and n + a < len(out) and draft[a] == out[n + a]:
-                a += 1
+            a = accepted_prefix(draft, out, n)
             # Past a recorded EOS the target's next token is never emitted (_emit stops at EOS): pad it.
-            nxt = out[n + a] if n + a < len(out) else self.pad_id
-            start = kv_lens[i]
-            kept = st.pending + draft[:a]
-            emitted = draft[:a] + [nxt]
-            n_emitted = self._emit(st, emitted, kv_len=start + len(kept))
-            st.forwards += 1
-            rows = trace.hidden[start : start + len(kept)]
-            hidden = rows[:, self._layer_index(trace)] if self.hidden_layers else None
-            rec = StepRecord(
-                step=self.step_count, request_id=st.request_id, tenant=st.spec.tenant, drafter=names[i],
-                k=plans[i].k, drafted=len(draft), accepted=a, emitted=n_emitted,
-                confidence=list(drafts[i].confidence), batch_size=B, chunk_tokens=len(st.pending) + len(draft),
-                draft_s=draft_s, verify_s=verify_s, prefill=prefill,
-                draft_tokens=list(draft), emitted_tokens=list(emitted[:n_emitted]),
-            )
-            if self.record_features and hidden is not None:
-                rec.features = hidden
-            st.records.append(rec)
-            records.append(rec)
-            observations.append(Observation(st.request_id, kept[: len(rows)], hidden, nxt))
-            st.pending = [nxt]
-        self.replay_overhead_s = time.perf_counter() - t0
-        for d in self.drafters.values():
-            d.observe(self._own_layers(d, observations))
-        policy.feedback(records)
-        for listener in self.step_listeners:
-            listener(records)
+            accepted.append(a)
+            next_tokens.append(out[n + a] if n + a < len(out) else self.pad_id)
+            start = len(st.spec.prompt) + n - len(st.pending)
+            rows = trace.hidden[start : start + len(st.pending) + a]  # [kept, L_trace, d]
+            kept.append((st.pending + draft[:a])[: len(rows)])
+            hidden.append(rows[:, self._layer_index(trace)] if self.hidden_layers else None)
+        return Verdict(accepted, next_tokens, kept, hidden, verify_s)

@@ -10,14 +10,16 @@ from adaspec.core.config import Settings
 from adaspec.core.controller.settings import ControllerSettings
 from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.drafters.registry import make_drafter
-from adaspec.core.drift import policies as P
-from adaspec.core.drift.costs import StepCosts
+from adaspec.core.controller import registry as policy_registry
+from adaspec.core.drift.step_costs import StepCosts
 from adaspec.core.drift.metrics import ModeledClock, RequestOutcome, outcome
-from adaspec.core.drift.oracle import TraceOracle, TraceOraclePolicy
+from adaspec.core.drift.oracle import TraceOracle
+from adaspec.core.drift.policies import TimedPolicy
 from adaspec.core.drift.replay_engine import TraceEngine
 from adaspec.core.drift.stream import StreamRequest
 from adaspec.core.drift.traces import Trace
-from adaspec.core.engine.engine import RequestSpec, SpecEngine, StepRecord
+from adaspec.core.engine.engine import RequestSpec, SpecEngine
+from adaspec.core.step import StepRecord
 from adaspec.core.engine.sampling import SamplingParams
 
 TENANT = "drift"
@@ -61,8 +63,9 @@ def run_policy(
 ) -> PolicyRun:
     """Fresh drafters (nothing carries over between policies), the stream in order, continuous batching."""
     t_start = time.perf_counter()
-    names = P.drafters_for(name)
-    learning = learn and P.uses_adaptive(name)
+    entry = policy_registry.entry(name)
+    names = entry.drafters
+    learning = learn and "adaptive" in names
     external = learning and sidecar  # a real sidecar process learns from the engine's logs
     if external and not live:
         raise ValueError("a real sidecar needs the live engine (--live)")
@@ -76,14 +79,10 @@ def run_policy(
     trace_by_id = {sp.request_id: tr for sp, tr in zip(specs, traces)}
     if isinstance(engine, TraceEngine):
         engine.traces = trace_by_id
-    oracle = TraceOracle(drafters, trace_by_id, controller.max_k) if name == "oracle" else None
-    if name == "oracle":
-        from adaspec.core.drift.policies import LEARNED
-
-        policy = TraceOraclePolicy(oracle, drafters=LEARNED, costs=costs.cost_model(), max_k=controller.max_k)
-    else:
-        policy = P.make(name, k, costs, controller)
-    timed = P.TimedPolicy(policy)
+    oracle = TraceOracle(drafters, trace_by_id, controller.max_k) if entry.needs_oracle else None
+    policy = policy_registry.make_policy(name, k=k, settings=controller, costs=costs.cost_model(), oracle=oracle,
+                                         prepare=None if oracle is None else oracle.prepare)
+    timed = TimedPolicy(policy)
     learner = None
     online = None
     if external:
@@ -134,8 +133,9 @@ class _SidecarLink:
         import tempfile
         from pathlib import Path
 
-        from adaspec.core.online import OnlineAdaptive, spawn_sidecar
-        from adaspec.core.transport_config import TransportSettings
+        from adaspec.core.online.attach import OnlineAdaptive
+        from adaspec.sidecar.process import spawn_sidecar
+        from adaspec.core.online.settings import TransportSettings
 
         tmp = Path(tempfile.mkdtemp(prefix="as-drift-", dir="/tmp"))  # IPC paths must stay short
         ts = TransportSettings(run_dir=tmp / "run")

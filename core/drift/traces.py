@@ -16,12 +16,11 @@ from typing import Any, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
 from torch import Tensor
 
-from adaspec.core.engine.engine import FixedPolicy, RequestSpec, SpecEngine
-from adaspec.core.engine.sampling import SamplingParams
-from adaspec.core.train_static import HiddenRecorder, model_fingerprint
+from adaspec.core import fsio
+from adaspec.core.engine.recording import model_fingerprint, record_greedy
 
 TRACE_FORMAT = 1
 #: Budgets whose recordings also serve shorter requests (the benchmarks' usual 128 serves --quick's 48).
@@ -100,18 +99,13 @@ class TraceStore:
             raise ValueError("a trace records at least one layer")
         missing = [i for i, p in enumerate(prompts) if self.load(p, max_new_tokens, layers) is None]
         task = progress.add_task("recording greedy traces", total=len(missing)) if progress and missing else None
-        params = SamplingParams(max_new_tokens=max_new_tokens)
-        for lo in range(0, len(missing), batch_size * 4):
-            chunk = missing[lo : lo + batch_size * 4]
-            rec = HiddenRecorder(layers, torch.float32)
-            engine = SpecEngine(self.target, [rec], batch_size=batch_size)
-            specs = [RequestSpec(list(prompts[i]), f"t{i}") for i in chunk]
-            engine.generate(specs, params, FixedPolicy(None, 0))
-            for i, spec in zip(chunk, specs):
-                tokens, plen, hidden = rec.done[spec.request_id]
-                self._write(prompts[i], max_new_tokens, layers, tokens, plen, hidden)
+        todo = [prompts[i] for i in missing]
+        for idx, answers in record_greedy(self.target, todo, layers, max_new_tokens, torch.float32, batch_size,
+                                          chunk=batch_size * 4):
+            for j, (tokens, plen, hidden) in zip(idx, answers):
+                self._write(todo[j], max_new_tokens, layers, tokens, plen, hidden)
             if task is not None:
-                progress.advance(task, len(chunk))
+                progress.advance(task, len(idx))
         out = []
         for p in prompts:
             tr = self.load(p, max_new_tokens, layers)
@@ -122,9 +116,7 @@ class TraceStore:
 
     def _write(self, prompt: Sequence[int], max_new_tokens: int, layers: tuple[int, ...], tokens: list[int],
                prompt_len: int, hidden: Tensor) -> None:
-        path = self.path(prompt, max_new_tokens, layers)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"tokens": torch.tensor(tokens, dtype=torch.int64), "hidden": hidden.contiguous()}, str(tmp),
-                  metadata={"prompt_len": str(prompt_len), "layers": json.dumps(list(layers)),
-                            "max_new_tokens": str(max_new_tokens)})
-        tmp.replace(path)
+        fsio.save_safetensors({"tokens": torch.tensor(tokens, dtype=torch.int64), "hidden": hidden.contiguous()},
+                              self.path(prompt, max_new_tokens, layers),
+                              {"prompt_len": str(prompt_len), "layers": json.dumps(list(layers)),
+                               "max_new_tokens": str(max_new_tokens)})

@@ -1,17 +1,20 @@
 """The reference speculative-decoding engine: drafters + policy driving a transformers causal LM.
 
-One step for the running batch: the policy picks (drafter, k) per request, drafters propose chains, the
-target verifies every chain in ONE forward (chains of different lengths right-padded into one chunk), greedy
-or exact rejection sampling decides how much of each chain survives, the KV cache keeps exactly the
-surviving positions, and every drafter observes what was accepted. New requests are admitted by a prefill
-forward (which may already carry a draft) and merged into the running batch (continuous batching).
+One step for the running batch reads as its four stages: `_draft` (the policy picks (drafter, k) per request,
+drafters propose chains, the policy trims them), `_forward` (the target runs every chain in ONE forward,
+chains of different lengths right-padded into one chunk), `_verify` (greedy or exact rejection sampling
+decides how much of each chain survives; the KV cache keeps exactly the surviving positions) and `_commit`
+(tokens emitted, one `StepRecord` per request, every drafter observes what was accepted, the policy and the
+listeners get the records). The trace engine (`adaspec.core.drift.replay_engine`) replaces `_forward` and
+`_verify` only. New requests are admitted by a prefill forward (which may already carry a draft) and merged
+into the running batch (continuous batching).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -20,67 +23,8 @@ from adaspec.core.drafters.base import Draft, Drafter, DraftRequest, Observation
 from adaspec.core.engine.kv import BatchKV
 from adaspec.core.engine.sampling import SamplingParams, target_probs
 from adaspec.core.errors import RequestError
+from adaspec.core.step import Plan, PolicyBase, StepRecord, peek_drafts, propose_chains
 from adaspec.core.target import Target
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the policy decided for one request this step: which drafter, how many tokens (0 = none)."""
-
-    drafter: str | None
-    k: int
-
-
-@dataclass
-class StepRecord:
-    """One request's part of one target forward: the unit every policy, log and benchmark is built on."""
-
-    step: int
-    request_id: str
-    tenant: str
-    drafter: str | None
-    k: int
-    drafted: int
-    accepted: int
-    emitted: int
-    confidence: list[float]
-    batch_size: int
-    chunk_tokens: int
-    draft_s: float
-    verify_s: float
-    prefill: bool
-    #: Token ids behind the counts (what the sidecar trains on).
-    draft_tokens: list[int] = field(default_factory=list)
-    emitted_tokens: list[int] = field(default_factory=list)
-    #: Target hidden states of the kept positions, only when the engine records features (log sampling).
-    features: torch.Tensor | None = field(default=None, repr=False, compare=False)
-
-
-class Policy(Protocol):
-    """Decides drafter and lookahead per request and step; learns from the records of each step.
-
-    Optional hooks: `finish(request_id)`, called when a request leaves the batch; and
-    `trim(request, drafter_name, draft) -> int`, called once per drafted request right after `propose`,
-    before verification: the engine verifies only the first n tokens (n clipped to [0, len(draft.tokens)]).
-    """
-
-    def plan(self, requests: Sequence["RequestState"]) -> list[Plan]: ...
-
-    def feedback(self, records: Sequence[StepRecord]) -> None: ...
-
-
-class FixedPolicy:
-    """Always the same drafter and k (the baseline; k is clipped per request by the engine)."""
-
-    def __init__(self, drafter: str | None, k: int) -> None:
-        self.drafter = None if drafter in (None, "none") or k == 0 else drafter
-        self.k = k if self.drafter else 0
-
-    def plan(self, requests: Sequence["RequestState"]) -> list[Plan]:
-        return [Plan(self.drafter, self.k) for _ in requests]
-
-    def feedback(self, records: Sequence[StepRecord]) -> None:
-        return None
 
 
 @dataclass
@@ -113,6 +57,10 @@ class RequestState:
         return self.spec.request_id
 
     @property
+    def tenant(self) -> str:
+        return self.spec.tenant
+
+    @property
     def tokens(self) -> list[int]:
         return self.spec.prompt + self.output
 
@@ -137,24 +85,28 @@ class GenerationResult:
         return len(self.output_tokens) / max(1, self.target_forwards)
 
 
-def peek_drafts(
-    policy: Any, drafters: Mapping[str, Drafter], rows: Sequence[Any], requests: Sequence[DraftRequest],
-    ks: Sequence[int],
-) -> dict[str, list[Draft]]:
-    """Each drafter the policy peeks (`policy.peek`) proposes up to ks[i] tokens for every row; the policy sees
-    them (`policy.peeked(name, rows, drafts)`) before it plans. Shared by this engine and the SGLang runtime."""
-    out: dict[str, list[Draft]] = {}
-    if not any(ks):
-        return out
-    for name in getattr(policy, "peek", None) or ():
-        drafter = drafters.get(name)
-        if drafter is None:
-            continue
-        drafts = [d.truncated(ks[i]) if len(d.tokens) > ks[i] else d
-                  for i, d in enumerate(drafter.propose(requests, ks))]
-        out[name] = drafts
-        policy.peeked(name, rows, drafts)
-    return out
+@dataclass
+class Forward:
+    """What one target forward produced for the batch (the trace engine models it instead)."""
+
+    chunks: list[list[int]]  # per request: the tokens fed (pending + draft)
+    pend: torch.Tensor  # [B] pending tokens per request
+    dlen: torch.Tensor  # [B] draft tokens per request
+    width: int  # C: the right-padded chunk width
+    logits: torch.Tensor | None  # [B, K+1, V] from each row's last pending token to its last draft token
+    out: Any  # the model output (hidden states are read from it after acceptance)
+    started: float  # perf_counter() when the forward started
+
+
+@dataclass
+class Verdict:
+    """The target's verdict on one step's drafts, per request."""
+
+    accepted: list[int]  # [B] accepted draft tokens
+    next_tokens: list[int]  # [B] the token emitted after them (the bonus or the correction)
+    kept: list[list[int]]  # per request: the tokens the KV cache keeps (pending + accepted drafts)
+    hidden: list[torch.Tensor | None]  # per request [len(kept), L, d] hidden states of the kept positions
+    verify_s: float
 
 
 class SpecEngine:
@@ -192,7 +144,7 @@ class SpecEngine:
         self,
         requests: Sequence[RequestSpec | list[int]],
         params: SamplingParams,
-        policy: Policy,
+        policy: PolicyBase,
     ) -> list[GenerationResult]:
         specs = [r if isinstance(r, RequestSpec) else RequestSpec(list(r)) for r in requests]
         states = [self._new_state(i, s, params) for i, s in enumerate(specs)]
@@ -244,7 +196,7 @@ class SpecEngine:
         return st
 
     def _retire(
-        self, running: list[RequestState], kv: BatchKV, policy: Policy
+        self, running: list[RequestState], kv: BatchKV, policy: PolicyBase
     ) -> tuple[list[RequestState], BatchKV]:
         keep = [i for i, st in enumerate(running) if st.finish_reason is None]
         if len(keep) == len(running):
@@ -254,9 +206,7 @@ class SpecEngine:
                 st.finished = time.perf_counter()
                 for d in self.drafters.values():
                     d.finish(st.view())
-                policy_finish = getattr(policy, "finish", None)  # optional: drop per-request policy state
-                if policy_finish is not None:
-                    policy_finish(st.request_id)
+                policy.finish(st.request_id)
         kv.select(torch.tensor(keep, dtype=torch.long, device=kv.device))
         return [running[i] for i in keep], kv
 
@@ -266,88 +216,49 @@ class SpecEngine:
         room = self.target.context_len - kv_len - len(st.pending)
         return max(0, min(k, budget, room))
 
-    def _plan(
-        self, states: Sequence[RequestState], kv_lens: Sequence[int], policy: Policy, prefill: bool
-    ) -> tuple[list[Plan], dict[str, list[Draft]], float]:
-        """The policy's plans; first, for a policy that peeks, the cheap drafters' proposals for every request.
-
-        A policy may name drafters in `peek` (cheap ones: a suffix-tree lookup) and implement
-        `peeked(drafter, states, drafts)`: those drafters then propose `peek_k` tokens for every request before
-        planning, so the choice can read this step's actual draft confidence; a plan that picks one of them
-        reuses its proposal (no second lookup). Returns (plans, peeked drafts by drafter, peek seconds).
-        """
-        peeked: dict[str, list[Draft]] = {}
-        t0 = time.perf_counter()
-        if getattr(policy, "peek", None) and not prefill:
-            k = int(getattr(policy, "peek_k", 0))
-            ks = [self._clip_k(st, k, kv_lens[i]) for i, st in enumerate(states)]
-            peeked = peek_drafts(policy, self.drafters, states, [st.view() for st in states], ks)
-        peek_s = time.perf_counter() - t0
-        return policy.plan(states), peeked, peek_s
-
     def _draft(
-        self,
-        states: Sequence[RequestState],
-        plans: Sequence[Plan],
-        kv_lens: Sequence[int],
-        policy: Policy | None = None,
-        peeked: dict[str, list[Draft]] | None = None,
-    ) -> tuple[list[Draft], list[str | None], float]:
-        """Ask each drafter, batched, for the requests assigned to it; returns drafts in request order.
-
-        A policy with a `trim` hook may shorten each proposal before it is verified (early stop). Drafters
-        already asked this step (`peeked`) are not asked again.
-        """
+        self, states: Sequence[RequestState], kv_lens: Sequence[int], policy: PolicyBase, prefill: bool,
+    ) -> tuple[list[Plan], list[str | None], list[Draft], float]:
+        """Plan and draft: for a decode step, the drafters the policy peeks propose first for every request
+        (so the plan reads this step's actual draft confidence, and a plan that picks one of them reuses its
+        proposal); then each planned drafter proposes, clipped to the budget and the context, and the policy
+        trims. Returns (plans, drafter per request, drafts, peek + draft seconds: planning is not drafting)."""
         t0 = time.perf_counter()
-        trim = getattr(policy, "trim", None)
-        drafts = [Draft() for _ in states]
-        names: list[str | None] = [None] * len(states)
-        groups: dict[str, list[int]] = {}
-        ks = [0] * len(states)
-        for i, (st, plan) in enumerate(zip(states, plans)):
-            ks[i] = self._clip_k(st, plan.k, kv_lens[i]) if plan.drafter else 0
-            if ks[i] > 0:
-                if plan.drafter not in self.drafters:
-                    raise RequestError(f"policy chose unknown drafter {plan.drafter!r}")
-                groups.setdefault(plan.drafter, []).append(i)
-        for name, idx in groups.items():
-            if peeked and name in peeked:
-                proposals = [peeked[name][i] for i in idx]
-            else:
-                proposals = self.drafters[name].propose([states[i].view() for i in idx], [ks[i] for i in idx])
-            for i, d in zip(idx, proposals):
-                if len(d.tokens) > ks[i]:
-                    d = d.truncated(ks[i])
-                if trim is not None and d.tokens:
-                    n = int(trim(states[i], name, d))
-                    if n < len(d.tokens):
-                        d = d.truncated(max(0, n))
-                drafts[i] = d
-                names[i] = name
-        return drafts, names, time.perf_counter() - t0
+        views = [st.view() for st in states]
+        peeked: dict[str, list[Draft]] = {}
+        if policy.peek and not prefill:
+            ks = [self._clip_k(st, policy.peek_k, kv_lens[i]) for i, st in enumerate(states)]
+            peeked = peek_drafts(policy, self.drafters, states, views, ks)
+        peek_s = time.perf_counter() - t0
+        plans = policy.plan(states)
+        t0 = time.perf_counter()
+        ks = [self._clip_k(st, p.k, kv_lens[i]) if p.drafter else 0 for i, (st, p) in enumerate(zip(states, plans))]
+        drafts = propose_chains(policy, self.drafters, [p.drafter for p in plans], ks, views, peeked)
+        names = [p.drafter if ks[i] > 0 else None for i, p in enumerate(plans)]
+        return plans, names, drafts, peek_s + time.perf_counter() - t0
 
     def _step(
-        self,
-        states: list[RequestState],
-        kv: BatchKV,
-        params: SamplingParams,
-        policy: Policy,
-        prefill: bool,
+        self, states: list[RequestState], kv: BatchKV, params: SamplingParams, policy: PolicyBase, prefill: bool,
     ) -> None:
-        """One target forward for `states` (a prefill of new requests or a decode step of the running batch)."""
-        device = self.target.device
-        kv_lens = kv.lengths.tolist() if kv.batch_size else [0] * len(states)
-        plans, peeked, peek_s = self._plan(states, kv_lens, policy, prefill)
-        drafts, names, draft_s = self._draft(states, plans, kv_lens, policy, peeked)
-        draft_s += peek_s
+        """One target forward for `states` (a prefill of new requests or a decode step of the running batch):
+        plan and draft, forward, verify, commit."""
+        # The KV cache holds everything but the pending tokens (which the next forward feeds).
+        kv_lens = [len(st.spec.prompt) + len(st.output) - len(st.pending) for st in states]
+        plans, names, drafts, draft_s = self._draft(states, kv_lens, policy, prefill)
+        fwd = self._forward(states, drafts, kv)
+        verdict = self._verify(states, drafts, fwd, kv, params)
+        self._commit(states, kv_lens, plans, names, drafts, verdict, draft_s, prefill, policy)
 
+    def _forward(self, states: Sequence[RequestState], drafts: Sequence[Draft], kv: BatchKV) -> Forward:
+        """One target forward over every request's pending tokens + draft, right-padded into one chunk."""
+        device = self.target.device
         B = len(states)
         chunks = [st.pending + d.tokens for st, d in zip(states, drafts)]
-        pend = torch.tensor([len(st.pending) for st in states], dtype=torch.long)
-        dlen = torch.tensor([len(d.tokens) for d in drafts], dtype=torch.long)
+        pend = torch.tensor([len(st.pending) for st in states], dtype=torch.long)  # [B]
+        dlen = torch.tensor([len(d.tokens) for d in drafts], dtype=torch.long)  # [B]
         width = max(len(c) for c in chunks)
         K = int(dlen.max())
-        input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)
+        input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)  # [B, C]
         for i, c in enumerate(chunks):
             input_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         if kv.batch_size == 0:
@@ -356,7 +267,6 @@ class SpecEngine:
         mask, positions = kv.step_inputs((pend + dlen).to(device), width)
 
         # Logits are needed only from each row's last pending token to its last draft token.
-        rows = torch.arange(B).unsqueeze(1)
         offs = (pend - 1).unsqueeze(1) + torch.arange(K + 1).unsqueeze(0)  # [B, K+1]
         offs = torch.minimum(offs, (pend + dlen - 1).unsqueeze(1))  # clamp padding to the row's last slot
         cols, inverse = torch.unique(offs, return_inverse=True)
@@ -366,62 +276,81 @@ class SpecEngine:
             input_ids=input_ids.to(device),
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=kv.cache,
             use_cache=True,
+            **{self.target.cache_kwarg: kv.cache},
             logits_to_keep=cols.to(device),
             output_hidden_states=bool(self.hidden_layers),
         )
+        rows = torch.arange(B).unsqueeze(1)
         logits = out.logits[rows.to(device), inverse.to(device)]  # [B, K+1, V]
-        draft_pad = torch.zeros(B, K, dtype=torch.long)
+        return Forward(chunks, pend, dlen, width, logits, out, t0)
+
+    def _verify(self, states: Sequence[RequestState], drafts: Sequence[Draft], fwd: Forward, kv: BatchKV,
+                params: SamplingParams) -> Verdict:
+        """Greedy or exact rejection-sampling acceptance of each draft; the KV cache keeps what survived."""
+        device = self.target.device
+        B, K = len(states), int(fwd.dlen.max())
+        draft_pad = torch.zeros(B, K, dtype=torch.long)  # [B, K]
         for i, d in enumerate(drafts):
             draft_pad[i, : len(d.tokens)] = torch.tensor(d.tokens, dtype=torch.long)
-        draft_pad, dlen_dev = draft_pad.to(device), dlen.to(device)
+        draft_pad, dlen_dev = draft_pad.to(device), fwd.dlen.to(device)
         if params.greedy:
-            accepted, next_tok, _ = kernels.greedy_verify(draft_pad, dlen_dev, logits.argmax(dim=-1))
+            accepted, next_tok, _ = kernels.greedy_verify(draft_pad, dlen_dev, fwd.logits.argmax(dim=-1))
         else:
-            probs = target_probs(logits, params.temperature, params.top_p)
+            probs = target_probs(fwd.logits, params.temperature, params.top_p)  # [B, K+1, V]
             q = self._draft_q(drafts, K, probs.shape[-1], device)
             u = torch.zeros(B, K)
             ru = torch.zeros(B)
             for i, st in enumerate(states):  # per-request streams: results do not depend on batching
-                draws = torch.rand(int(dlen[i]) + 1, generator=st.generator)
-                u[i, : int(dlen[i])] = draws[:-1]
+                draws = torch.rand(int(fwd.dlen[i]) + 1, generator=st.generator)
+                u[i, : int(fwd.dlen[i])] = draws[:-1]
                 ru[i] = draws[-1]
             accepted, next_tok, _ = kernels.rejection_verify(
                 draft_pad, dlen_dev, probs, q, u.to(device), ru.to(device)
             )
         accepted_l = accepted.cpu().tolist()
         next_l = next_tok.cpu().tolist()
-        keep = pend + torch.tensor(accepted_l, dtype=torch.long)
-        kv.commit(keep.to(device), width)
-        verify_s = time.perf_counter() - t0
+        keep = fwd.pend + torch.tensor(accepted_l, dtype=torch.long)  # [B] kept positions per row
+        kv.commit(keep.to(device), fwd.width)
+        verify_s = time.perf_counter() - fwd.started
+        hidden = self._hidden(fwd.out) if self.hidden_layers else None  # [B, C, L, d]
+        kept = [fwd.chunks[i][: int(keep[i])] for i in range(B)]
+        rows = [None if hidden is None else hidden[i, : len(kept[i])] for i in range(B)]
+        return Verdict(accepted_l, next_l, kept, rows, verify_s)
 
-        hidden = self._hidden(out) if self.hidden_layers else None
+    def _commit(
+        self, states: Sequence[RequestState], kv_lens: Sequence[int], plans: Sequence[Plan],
+        names: Sequence[str | None], drafts: Sequence[Draft], verdict: Verdict, draft_s: float, prefill: bool,
+        policy: PolicyBase,
+    ) -> None:
+        """Emit the verified tokens, record the step, and tell drafters, policy and listeners what happened."""
+        B = len(states)
         observations = []
         records = []
         self.step_count += 1
         for i, st in enumerate(states):
-            a = accepted_l[i]
-            kept = chunks[i][: int(keep[i])]
-            emitted = drafts[i].tokens[:a] + [next_l[i]]
-            n_emitted = self._emit(st, emitted, kv_len=int(kv.lengths[i]))
+            a, nxt, d = verdict.accepted[i], verdict.next_tokens[i], drafts[i]
+            emitted = d.tokens[:a] + [nxt]
+            n_emitted = self._emit(st, emitted, kv_len=kv_lens[i] + len(st.pending) + a)
             st.forwards += 1
+            name = names[i]
             rec = StepRecord(
-                step=self.step_count, request_id=st.request_id, tenant=st.spec.tenant, drafter=names[i],
-                k=plans[i].k, drafted=len(drafts[i].tokens), accepted=a, emitted=n_emitted,
-                confidence=list(drafts[i].confidence), batch_size=B, chunk_tokens=int(pend[i] + dlen[i]),
-                draft_s=draft_s, verify_s=verify_s, prefill=prefill,
-                draft_tokens=list(drafts[i].tokens), emitted_tokens=list(emitted[:n_emitted]),
+                step=self.step_count, request_id=st.request_id, tenant=st.tenant, drafter=name,
+                k=plans[i].k, drafted=len(d.tokens), accepted=a, emitted=n_emitted,
+                confidence=list(d.confidence), batch_size=B, chunk_tokens=len(st.pending) + len(d.tokens),
+                draft_s=draft_s, verify_s=verdict.verify_s, prefill=prefill,
+                draft_tokens=list(d.tokens), emitted_tokens=list(emitted[:n_emitted]),
+                weight_version=self.drafters[name].weight_version if name else 0,
             )
-            if self.record_features and hidden is not None:
-                rec.features = hidden[i, : len(kept)]
+            h = verdict.hidden[i]
+            if self.record_features and h is not None:
+                rec.features = h
             st.records.append(rec)
             records.append(rec)
-            h = None if hidden is None else hidden[i, : len(kept)]
-            observations.append(Observation(st.request_id, kept, h, next_l[i]))
-            st.pending = [next_l[i]]
-        for d in self.drafters.values():
-            d.observe(self._own_layers(d, observations))
+            observations.append(Observation(st.request_id, verdict.kept[i], h, nxt))
+            st.pending = [nxt]
+        for drafter in self.drafters.values():
+            drafter.observe(self._own_layers(drafter, observations))
         policy.feedback(records)
         for listener in self.step_listeners:
             listener(records)

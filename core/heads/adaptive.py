@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+
 from torch import Tensor, nn
 
 from adaspec import kernels
+from adaspec.core import fsio
 from adaspec.core.heads.eagle3 import RMSNorm
 
 IGNORE = -100
@@ -267,10 +268,7 @@ def save_adaptive(head: AdaptiveHead, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"adaspec_adaptive": json.dumps(head.cfg.to_json())})
-    tmp.replace(path)
-    return path
+    return fsio.save_safetensors(tensors, path, {"adaspec_adaptive": json.dumps(head.cfg.to_json())})
 
 
 def load_adaptive(path: Path | str, target: Any, **overrides: Any) -> AdaptiveHead:

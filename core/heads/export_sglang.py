@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
 from torch import Tensor
 
+from adaspec.core import fsio
 from adaspec.core.heads import sglang_eagle3_format as fmt
 from adaspec.core.heads.eagle3 import Eagle3Config, Eagle3Head
 
@@ -73,10 +74,8 @@ def export_sglang(head: Eagle3Head, out_dir: Path | str, dtype: torch.dtype = to
         t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         t2d[ids] = True
         tensors["t2d"] = t2d
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(sglang_config(cfg, dtype), indent=2) + "\n")
+    fsio.save_safetensors(tensors, out / WEIGHTS_FILE, {"format": "pt"})
+    fsio.write_json(out / CONFIG_FILE, sglang_config(cfg, dtype))
     return out
 
 

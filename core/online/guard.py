@@ -16,7 +16,9 @@ from typing import Any, Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from adaspec.core.weights import WeightMetrics, WeightSubscriber, per_registry
+from adaspec.core.metrics import WeightMetrics, per_registry
+from adaspec.core.online.weights import WeightSubscriber
+from adaspec.core.step import PolicyBase
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,13 @@ class LinkGuard:
         self.transitions: list[tuple[float, bool]] = []
         self._gauge = per_registry(WeightMetrics, registry).link_up.labels(server_id)
 
-    def attach(self, policy: Any) -> "LinkGuard":
-        """Forward availability to `policy.set_available(drafter, available)` (policies without it are fixed
-        by definition and keep their plans) and apply the current state at once."""
-        setter = getattr(policy, "set_available", None)
-        if setter is not None:
-            self.listeners.append(setter)
-            if self.up is not None:
-                for name in self.drafters:
-                    setter(name, self.up)
+    def attach(self, policy: PolicyBase) -> "LinkGuard":
+        """Forward availability to `policy.set_available(drafter, available)` (a no-op for policies that do not
+        choose drafters: they keep their plans) and apply the current state at once."""
+        self.listeners.append(policy.set_available)
+        if self.up is not None:
+            for name in self.drafters:
+                policy.set_available(name, self.up)
         return self
 
     def check(self, now: float | None = None) -> bool:

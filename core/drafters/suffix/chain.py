@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .suffix_match import ChainStart
-from .suffix_tree import SuffixIndex, leaf_target
+from .match import ChainStart
+from .tree import SuffixIndex, leaf_target
 
 
 class Chain(NamedTuple):

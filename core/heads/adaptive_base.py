@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from adaspec.core import fsio
 from adaspec.core.errors import ConfigError
 from adaspec.core.heads.adaptive import AdaptiveConfig, AdaptiveHead
-from adaspec.sidecar.checkpoint import save_atomic
 
 FORMAT = "adaspec-adaptive-base/1"
 _EMBED, _LM_HEAD, _INIT = "frozen.embed", "frozen.lm_head", "init."
@@ -57,7 +57,7 @@ def fingerprint(cfg: AdaptiveConfig, embed: Tensor, lm_head: Tensor) -> str:
 
 
 def _init_checksum(init: dict[str, Tensor]) -> str:
-    from adaspec.core.wire import named_tensor, weights_checksum
+    from adaspec.core.online.wire import named_tensor, weights_checksum
 
     return weights_checksum([named_tensor(n, t) for n, t in init.items()])
 
@@ -80,7 +80,7 @@ def write_base(head: AdaptiveHead, path: Path | str) -> Path:
         "fingerprint": fingerprint(head.cfg, embed, lm_head),
         "init_checksum": _init_checksum({k[len(_INIT):]: v for k, v in tensors.items() if k.startswith(_INIT)}),
     }
-    return save_atomic(tensors, path, meta)
+    return fsio.save_safetensors(tensors, path, meta)
 
 
 def read_base(path: Path | str, verify: bool = True) -> HeadBase:

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: Bumped on any incompatible change; peers with another version are refused (no silent coercion).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: StepEntry.draft_tokens (was drafted_tokens), the name StepRecord uses
 
 # Reason codes carried by WireError (stable strings: they label metrics).
 NOT_BYTES = "not_bytes"
@@ -175,7 +175,7 @@ class StepEntry(BaseModel):
     drafted: _Count
     accepted: _Count
     emitted: _Count
-    drafted_tokens: list[_Token]
+    draft_tokens: list[_Token]
     emitted_tokens: list[_Token]
     confidence: list[_Conf]
     weight_version: _Version
@@ -188,8 +188,8 @@ class StepEntry(BaseModel):
             raise ValueError(f"need accepted <= drafted <= k, got {self.accepted}/{self.drafted}/{self.k}")
         if self.emitted > self.accepted + 1:
             raise ValueError(f"emitted {self.emitted} > accepted + 1")
-        if len(self.drafted_tokens) not in (0, self.drafted):
-            raise ValueError("drafted_tokens must be empty or exactly `drafted` long")
+        if len(self.draft_tokens) not in (0, self.drafted):
+            raise ValueError("draft_tokens must be empty or exactly `drafted` long")
         if len(self.emitted_tokens) not in (0, self.emitted):
             raise ValueError("emitted_tokens must be empty or exactly `emitted` long")
         if len(self.confidence) not in (0, self.drafted):
@@ -361,7 +361,7 @@ def _check_limits(msg: _Message, limits: WireLimits) -> None:
         if len(msg.entries) > limits.max_entries:
             raise WireError(LIMIT, f"{len(msg.entries)} entries > max_entries {limits.max_entries}")
         for e in msg.entries:
-            n = max(len(e.drafted_tokens), len(e.emitted_tokens), len(e.confidence))
+            n = max(len(e.draft_tokens), len(e.emitted_tokens), len(e.confidence))
             if n > limits.max_tokens_per_entry:
                 raise WireError(LIMIT, f"{n} tokens in an entry > max_tokens_per_entry")
             if e.features is not None and len(e.features.data) > limits.max_tensor_bytes:
@@ -386,20 +386,16 @@ def _check_update(u: WeightUpdate, limits: WireLimits) -> None:
 
 def entry_from_record(
     record: Any,
-    weight_version: int = 0,
     features: torch.Tensor | None = None,
-    drafted_tokens: Sequence[int] | None = None,
+    draft_tokens: Sequence[int] | None = None,
     emitted_tokens: Sequence[int] | None = None,
 ) -> StepEntry:
-    """A StepEntry from an engine `StepRecord`.
-
-    Token ids come from the explicit arguments, else from the record's `draft_tokens` / `emitted_tokens`
-    attributes when the engine provides them, else are left empty (counts only).
-    """
-    if drafted_tokens is None:
-        drafted_tokens = getattr(record, "draft_tokens", None) or []
+    """A StepEntry from an engine `StepRecord` (the same field names; token ids from the explicit arguments,
+    else the record's own)."""
+    if draft_tokens is None:
+        draft_tokens = record.draft_tokens
     if emitted_tokens is None:
-        emitted_tokens = getattr(record, "emitted_tokens", None) or []
+        emitted_tokens = record.emitted_tokens
     conf = [min(1.0, max(0.0, float(c))) for c in record.confidence]  # NaN clamps to 0.0
     return StepEntry(
         step=int(record.step),
@@ -410,10 +406,10 @@ def entry_from_record(
         drafted=int(record.drafted),
         accepted=int(record.accepted),
         emitted=int(record.emitted),
-        drafted_tokens=[int(t) for t in drafted_tokens],
+        draft_tokens=[int(t) for t in draft_tokens],
         emitted_tokens=[int(t) for t in emitted_tokens],
         confidence=conf,
-        weight_version=int(weight_version),
+        weight_version=int(record.weight_version),
         prefill=bool(record.prefill),
         features=None if features is None else tensor_to_blob(features),
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-from .suffix_tree import ROOT, SuffixIndex, leaf_target
+from .tree import ROOT, SuffixIndex, leaf_target
 
 
 class ChainStart(NamedTuple):

@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import Draft, DraftRequest, Observation
-from .suffix_cache import ResponseCache, TenantCaches
-from .suffix_chain import EMPTY_CHAIN, Chain, greedy_chain
-from .suffix_match import ChainStart, ContextMatcher, node_start
-from .suffix_tree import SuffixIndex
+from adaspec.core.drafters.base import Draft, DraftRequest, DrafterBase, Observation
+from .cache import ResponseCache, TenantCaches
+from .chain import EMPTY_CHAIN, Chain, greedy_chain
+from .match import ChainStart, ContextMatcher, node_start
+from .tree import SuffixIndex
 
 
 def _as_ints(tokens: Sequence[int]) -> Sequence[int]:
@@ -60,7 +60,7 @@ class _RequestState:
                 matcher.feed(t)
 
 
-class SuffixDrafter:
+class SuffixDrafter(DrafterBase):
     """Suffix-tree drafter over the request's context and a per-tenant cache of past responses.
 
     Args:

@@ -14,33 +14,14 @@ import time
 from typing import Any, Callable, Sequence
 
 import torch
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
-from adaspec.core.transport import LogPusher, Transport
-from adaspec.core.weights import per_registry
-from adaspec.core.wire import DEFAULT_LIMITS, LogBatch, StepEntry, WireError, WireLimits, encode, entry_from_record
+from adaspec.core.metrics import LogMetrics, per_registry
+from adaspec.core.online.transport import LogPusher, Transport
+from adaspec.core.step import StepRecord
+from adaspec.core.online.wire import DEFAULT_LIMITS, LogBatch, StepEntry, WireError, WireLimits, encode, entry_from_record
 
 log = logging.getLogger(__name__)
-
-
-class LogMetrics:
-    """Prometheus series of the log path (one instance per registry)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.batches_sent = Counter("adaspec_log_batches_sent", "Log batches queued to the sidecar.", ["server"],
-                                    registry=registry)
-        self.entries_sent = Counter("adaspec_log_entries_sent", "Step entries queued to the sidecar.", ["server"],
-                                    registry=registry)
-        self.batches_dropped = Counter(
-            "adaspec_log_batches_dropped", "Log batches dropped (queue full, too large).", ["server", "reason"],
-            registry=registry,
-        )
-        self.entries_dropped = Counter(
-            "adaspec_log_entries_dropped", "Step entries dropped, by reason.", ["server", "reason"],
-            registry=registry,
-        )
-        self.errors = Counter("adaspec_log_publisher_errors", "Unexpected errors swallowed by the publisher.",
-                              ["server"], registry=registry)
 
 
 class LogPublisher:
@@ -53,14 +34,13 @@ class LogPublisher:
         batch_entries: int = 64,
         flush_s: float = 0.25,
         feature_sample_rate: float = 0.0,
-        version_of: Callable[[str], int] | None = None,
-        features_of: Callable[[Any], torch.Tensor | None] | None = None,
+        features_of: Callable[[StepRecord], torch.Tensor | None] | None = None,
         limits: WireLimits = DEFAULT_LIMITS,
         registry: CollectorRegistry | None = None,
         seed: int = 0,
     ) -> None:
-        """`version_of(drafter)`: weight version in use (e.g. a WeightStager's); `features_of(record)`: the
-        hidden states of its accepted positions (default: the record's `features` attribute, if any)."""
+        """`features_of(record)`: the hidden states a sampled entry carries (default: the record's `features`);
+        each entry's weight version is the record's own (the version the step drafted with)."""
         if not 0.0 <= feature_sample_rate <= 1.0:
             raise ValueError("feature_sample_rate must be in [0, 1]")
         if not 1 <= batch_entries <= limits.max_entries:
@@ -71,8 +51,7 @@ class LogPublisher:
         self.batch_entries = batch_entries
         self.flush_s = flush_s
         self.feature_sample_rate = feature_sample_rate
-        self.version_of = version_of
-        self.features_of = features_of or (lambda rec: getattr(rec, "features", None))
+        self.features_of = features_of or (lambda rec: rec.features)
         self.limits = limits
         self.metrics = per_registry(LogMetrics, registry)
         self.seq = 0
@@ -91,7 +70,7 @@ class LogPublisher:
         kwargs.setdefault("limits", transport.limits)
         return cls(transport.log_pusher(), server_id, **kwargs)
 
-    def __call__(self, records: Sequence[Any]) -> None:
+    def __call__(self, records: Sequence[StepRecord]) -> None:
         try:
             for rec in records:
                 entry = self._entry(rec)
@@ -104,13 +83,12 @@ class LogPublisher:
         except Exception:
             self._swallow("step listener")
 
-    def _entry(self, rec: Any) -> StepEntry | None:
+    def _entry(self, rec: StepRecord) -> StepEntry | None:
         try:
             features = None
             if self.feature_sample_rate and self._rng.random() < self.feature_sample_rate:
                 features = self.features_of(rec)
-            version = self.version_of(rec.drafter) if self.version_of is not None and rec.drafter else 0
-            entry = entry_from_record(rec, weight_version=version, features=features)
+            entry = entry_from_record(rec, features=features)
             if entry.features is not None and len(entry.features.data) > self.limits.max_tensor_bytes:
                 entry = entry.model_copy(update={"features": None})
                 self.metrics.entries_dropped.labels(self.server_id, "features_too_large").inc()

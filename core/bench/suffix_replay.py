@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .drafters.base import Drafter, DraftRequest, Observation
+from adaspec.core.drafters.base import Drafter, DraftRequest, Observation
 
 
 @dataclass(frozen=True)

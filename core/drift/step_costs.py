@@ -17,9 +17,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from adaspec.core import fsio
 from adaspec.core.controller.costs import CostModel
 from adaspec.core.drafters.base import Drafter
-from adaspec.core.engine.engine import FixedPolicy, RequestSpec, SpecEngine, StepRecord
+from adaspec.core.engine.engine import RequestSpec, SpecEngine
+from adaspec.core.step import FixedPolicy, StepRecord
 from adaspec.core.engine.sampling import SamplingParams
 
 
@@ -199,7 +201,5 @@ def load_or_measure(
             return costs
     costs = measure_costs(target, drafters, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(costs.to_json(), indent=2) + "\n")
-    tmp.replace(path)
+    fsio.write_json(path, costs.to_json())
     return costs

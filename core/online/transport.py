@@ -28,8 +28,8 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from adaspec.core.errors import AdaspecError
-from adaspec.core.transport_config import CurveKeys, TransportSettings
-from adaspec.core.wire import (
+from adaspec.core.online.settings import CurveKeys, TransportSettings
+from adaspec.core.online.wire import (
     DEFAULT_LIMITS,
     INVALID,
     MALFORMED,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Sequence
 
-from .suffix_tree import SuffixIndex
+from .tree import SuffixIndex
 
 
 class ResponseCache:

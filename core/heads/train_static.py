@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,10 +27,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from adaspec.core.drafters.base import Draft, DraftRequest, Observation
-from adaspec.core.engine.engine import FixedPolicy, RequestSpec, SpecEngine
+from adaspec.core import fsio
+from adaspec.core.engine.engine import SpecEngine
+from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads.eagle3 import Eagle3Head, lm_logits, restrict_draft_vocab
+from adaspec.core.engine.recording import model_fingerprint, record_greedy
 from adaspec.core.heads.export_sglang import export_sglang, load_sglang
 
 _STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -82,44 +83,6 @@ class StaticTrainArgs:
 
 
 # -- 1. recording ---------------------------------------------------------------------------------------------
-class HiddenRecorder:
-    """A drafter that never drafts: it stores each request's tokens and the hidden states it asked for."""
-
-    name = "recorder"
-
-    def __init__(self, layers: tuple[int, ...], dtype: torch.dtype) -> None:
-        self.hidden_layers = tuple(sorted(layers))  # the engine's union is exactly this sorted tuple
-        self.dtype = dtype
-        self.rows: dict[str, list[Tensor]] = {}
-        self.done: dict[str, tuple[list[int], int, Tensor]] = {}
-
-    def start(self, request: DraftRequest) -> None:
-        self.rows[request.request_id] = []
-
-    def observe(self, observations: Sequence[Observation]) -> None:
-        for o in observations:
-            if o.hidden is not None and o.request_id in self.rows:
-                self.rows[o.request_id].append(o.hidden.detach().to("cpu", self.dtype))
-
-    def propose(self, requests: Sequence[DraftRequest], ks: Sequence[int]) -> list[Draft]:
-        return [Draft() for _ in requests]
-
-    def finish(self, request: DraftRequest) -> None:
-        hidden = torch.cat(self.rows.pop(request.request_id))
-        tokens = list(request.tokens)
-        # every token but the last went through the target; cut anything a stop left past it
-        hidden = hidden[: len(tokens) - 1]
-        if hidden.shape[0] != len(tokens) - 1:
-            raise RuntimeError(f"{request.request_id}: {hidden.shape[0]} hidden rows for {len(tokens)} tokens")
-        self.done[request.request_id] = (tokens, request.prompt_len, hidden)
-
-
-def model_fingerprint(target: Any) -> str:
-    """Identifies the target's weights cheaply: config + a slice of the embedding's bytes."""
-    emb = target.model.get_input_embeddings().weight
-    h = hashlib.sha256(json.dumps(target.model.config.to_dict(), sort_keys=True, default=str).encode())
-    h.update(emb.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def dataset_key(target: Any, prompts: Sequence[Sequence[int]], layers: Sequence[int], max_new_tokens: int,
@@ -145,7 +108,6 @@ def record_dataset(
     layers = tuple(sorted(set(layers)))
     dtype = _STORE_DTYPES[storage_dtype]
     shards = [prompts[i : i + shard_size] for i in range(0, len(prompts), shard_size)]
-    params = SamplingParams(max_new_tokens=max_new_tokens)
     with _progress(show_progress) as prog:
         task = prog.add_task("recording target answers", total=len(prompts))
         for si, chunk in enumerate(shards):
@@ -153,24 +115,18 @@ def record_dataset(
             if path.is_file():
                 prog.advance(task, len(chunk))
                 continue
-            rec = HiddenRecorder(layers, dtype)
-            engine = SpecEngine(target, [rec], batch_size=batch_size)
-            specs = [RequestSpec(list(p), f"s{si}-{j}") for j, p in enumerate(chunk)]
-            engine.generate(specs, params, FixedPolicy(None, 0))
+            ((_, answers),) = record_greedy(target, chunk, layers, max_new_tokens, dtype, batch_size, len(chunk))
             tensors: dict[str, Tensor] = {}
             prompt_lens = []
-            for j, spec in enumerate(specs):
-                tokens, plen, hidden = rec.done[spec.request_id]
+            for j, (tokens, plen, hidden) in enumerate(answers):
                 tensors[f"tokens.{j}"] = torch.tensor(tokens, dtype=torch.int32)
                 tensors[f"hidden.{j}"] = hidden.contiguous()
                 prompt_lens.append(plen)
-            tmp = path.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata={"prompt_lens": json.dumps(prompt_lens)})
-            tmp.replace(path)
+            fsio.save_safetensors(tensors, path, {"prompt_lens": json.dumps(prompt_lens)})
             prog.advance(task, len(chunk))
     meta = {"format": DATA_FORMAT, "layers": list(layers), "samples": len(prompts), "shards": len(shards),
             "storage_dtype": storage_dtype, "max_new_tokens": max_new_tokens}
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    fsio.write_json(meta_path, meta)
     return data_dir
 
 
@@ -331,22 +287,15 @@ class StaticTrainer:
 
     def save(self, ckpt_dir: Path) -> None:
         """Atomically replace `ckpt_dir` with head (SGLang format) + AdamW state + trainer.json."""
-        tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_sglang(self.head, tmp)
-        sd = self.opt.state_dict()
-        tensors = {f"state.{pid}.{k}": v.detach().cpu().contiguous() for pid, st in sd["state"].items()
-                   for k, v in st.items()}
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        meta = {"state": asdict(self.state), "param_groups": sd["param_groups"], "args": self.args.to_json(),
-                "dataset": str(self.data.dir)}
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1) + "\n")
-        old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if ckpt_dir.exists():
-            ckpt_dir.rename(old)
-        tmp.rename(ckpt_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        with fsio.atomic_dir(ckpt_dir) as tmp:
+            export_sglang(self.head, tmp)
+            sd = self.opt.state_dict()
+            tensors = {f"state.{pid}.{k}": v.detach().cpu().contiguous() for pid, st in sd["state"].items()
+                       for k, v in st.items()}
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            meta = {"state": asdict(self.state), "param_groups": sd["param_groups"], "args": self.args.to_json(),
+                    "dataset": str(self.data.dir)}
+            (tmp / "trainer.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     @classmethod
     def load(cls, ckpt_dir: Path, target: Any, data: DistillData, args: StaticTrainArgs) -> "StaticTrainer":

@@ -18,7 +18,7 @@ import zmq.auth
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from adaspec.core.wire import WireLimits
+from adaspec.core.online.wire import WireLimits
 
 #: The four channels; each has an endpoint field `<name>_endpoint`.
 CHANNELS = ("logs", "weights", "sync", "admin")

@@ -13,18 +13,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Iterable, TypeVar
+from typing import Iterable, Mapping
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
-from adaspec.core.transport import Transport, TransportError
-from adaspec.core.wire import DTYPES, WeightUpdate, blob_to_tensor
+from adaspec.core.metrics import WeightMetrics, per_registry
+from adaspec.core.online.transport import Transport, TransportError
+from adaspec.core.online.wire import DTYPES, WeightUpdate, blob_to_tensor
 
 log = logging.getLogger(__name__)
-
-#: Default registry for weight metrics (pass your own to `WeightStager` to export elsewhere).
-REGISTRY = CollectorRegistry(auto_describe=True)
 
 # Rejection reasons (label values of adaspec_weight_updates_rejected_total).
 WRONG_DRAFTER = "wrong_drafter"
@@ -39,42 +37,15 @@ TIED_MISMATCH = "tied_mismatch"
 INTERNAL = "internal"
 
 
-class WeightMetrics:
-    """Prometheus series of the weight path; one instance per registry (metric names are unique there)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.rejected = Counter(
-            "adaspec_weight_updates_rejected", "Weight updates refused, by reason.", ["drafter", "reason"],
-            registry=registry,
-        )
-        self.staged = Counter("adaspec_weight_updates_staged", "Weight updates validated and staged.", ["drafter"],
-                              registry=registry)
-        self.applied = Counter("adaspec_weight_updates_applied", "Weight updates swapped in.", ["drafter"],
-                               registry=registry)
-        self.version = Gauge("adaspec_drafter_weights_version", "Weight version in use.", ["drafter"],
-                             registry=registry)
-        self.pause = Gauge("adaspec_weight_swap_pause_seconds", "Serving pause of the last swap.", ["drafter"],
-                           registry=registry)
-        self.link_up = Gauge("adaspec_sidecar_link_up",
-                             "1 while the sidecar answers and the online-learned drafters may be used.", ["server"],
-                             registry=registry)
-
-
-_metrics_lock = threading.Lock()
-_metrics: dict[tuple[int, type], tuple[CollectorRegistry, object]] = {}
-T = TypeVar("T")
-
-
-def per_registry(cls: Callable[[CollectorRegistry], T], registry: CollectorRegistry | None = None) -> T:
-    """One `cls(registry)` per registry (REGISTRY by default): a metric name can be registered only once."""
-    registry = REGISTRY if registry is None else registry
-    key = (id(registry), cls)  # type: ignore[arg-type]
-    with _metrics_lock:
-        hit = _metrics.get(key)
-        if hit is None:
-            hit = (registry, cls(registry))
-            _metrics[key] = hit
-        return hit[1]  # type: ignore[return-value]
+def copy_into(targets: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy `weights[name]` into each existing tensor `targets[name]` in place: data pointers never move, so
+    CUDA graphs captured over them stay valid. The one way adaspec swaps weights (servers, sidecar, trainer)."""
+    with torch.no_grad():
+        for name, target in targets.items():
+            src = weights[name]
+            target.data.copy_(src)
+            if src.is_cuda:  # the copy is queued on the current stream: keep src alive until it runs
+                src.record_stream(torch.cuda.current_stream(src.device))
 
 
 class WeightStager:
@@ -187,12 +158,7 @@ class WeightStager:
         version, tensors = staged
         t0 = time.perf_counter()
         try:
-            with torch.no_grad():
-                for name, target in self._targets.items():
-                    src = tensors[name]
-                    target.data.copy_(src)
-                    if src.is_cuda:  # the copy is queued on the serving stream: keep src alive until it runs
-                        src.record_stream(torch.cuda.current_stream(src.device))
+            copy_into(self._targets, tensors)
         except Exception:  # validation makes this unreachable short of a device fault; never raise into serving
             log.exception("%s: applying weight update v%d failed", self.drafter, version)
             self.metrics.rejected.labels(self.drafter, INTERNAL).inc()

@@ -1,4 +1,4 @@
-"""Controller decision time on a synthetic load: `python -m adaspec.core.bench_controller`.
+"""Controller decision time on a synthetic load: `python -m adaspec.core.bench.controller`.
 
 The controller runs in the serving loop once per step for every request, in pure Python, so its cost must stay
 far below a target forward: the goal is <= 50 us per request-step (plan + trim + feedback) at batch 64. The
@@ -19,9 +19,8 @@ from typing import Sequence
 from adaspec.core.controller.policy import AtlasPolicy
 from adaspec.core.controller.settings import ControllerSettings
 from adaspec.core.drafters.base import Draft
-from adaspec.core.engine.engine import Policy, RequestSpec, RequestState, StepRecord
-
-
+from adaspec.core.engine.engine import RequestSpec, RequestState
+from adaspec.core.step import PolicyBase, StepRecord
 @dataclass(frozen=True)
 class DrafterModel:
     """A simulated drafter: per-token acceptance, how its confidence relates to it, what it costs."""
@@ -88,7 +87,7 @@ class SyntheticLoad:
         ps = [min(1.0, max(0.0, rate + self.rng.gauss(0.0, 0.1))) for _ in range(k)]
         return Draft([0] * k, [p**model.gamma for p in ps]), ps
 
-    def step(self, policy: Policy) -> list[StepRecord]:
+    def step(self, policy: PolicyBase) -> list[StepRecord]:
         """Plan, draft, trim, verify (simulated), feed back; returns the step's records."""
         self.step_no += 1
         reqs = self.requests
@@ -96,7 +95,6 @@ class SyntheticLoad:
         t0 = time.perf_counter()
         plans = policy.plan(reqs)
         t1 = time.perf_counter()
-        trim = getattr(policy, "trim", None)
         drafts: list[Draft] = []
         truth: list[list[float]] = []
         names: list[str | None] = []
@@ -105,9 +103,9 @@ class SyntheticLoad:
         for st, p in zip(reqs, plans):
             k = max(0, min(p.k, st.max_new_tokens - len(st.output) - 1)) if p.drafter else 0
             d, ps = self._propose(st, p.drafter, k) if k else (Draft(), [])
-            if trim is not None and d.tokens:
+            if d.tokens:
                 ta = time.perf_counter()
-                n = trim(st, p.drafter, d)
+                n = policy.trim(st, p.drafter, d)
                 trim_s += time.perf_counter() - ta
                 d = d.truncated(n)
             drafts.append(d)
@@ -135,7 +133,7 @@ class SyntheticLoad:
             self.emitted += emitted
             records.append(
                 StepRecord(
-                    step=self.step_no, request_id=st.request_id, tenant=st.spec.tenant, drafter=names[i],
+                    step=self.step_no, request_id=st.request_id, tenant=st.tenant, drafter=names[i],
                     k=ks[i], drafted=len(d.tokens), accepted=acc, emitted=emitted,
                     confidence=list(d.confidence), batch_size=B, chunk_tokens=1 + len(d.tokens),
                     draft_s=draft_s, verify_s=verify_s, prefill=False,
@@ -150,9 +148,7 @@ class SyntheticLoad:
         self.request_steps += B
         for i, st in enumerate(reqs):
             if len(st.output) >= st.max_new_tokens:
-                finish = getattr(policy, "finish", None)
-                if finish is not None:
-                    finish(st.request_id)
+                policy.finish(st.request_id)
                 self.rates.pop(st.request_id, None)
                 reqs[i] = self._new_request()
         return records

@@ -9,7 +9,7 @@ Zipf-distributed phrase bank, random tokens and copies of earlier text (prompt o
 draft sources find matches of realistic lengths. The synthetic tau is a sanity figure, not a prediction;
 pass `--traces` (JSON lines with "prompt" and "output" token ids, optional "tenant") for a real replay tau.
 
-Run: python -m adaspec.core.bench_suffix [--depth 32] [--k 16] [--traces FILE.jsonl]
+Run: python -m adaspec.core.bench.suffix [--depth 32] [--k 16] [--traces FILE.jsonl]
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .drafters.base import Draft, DraftRequest, Observation
-from .drafters.suffix import SuffixDrafter
-from .drafters.suffix_tree import SuffixIndex
-from .replay import ReplayRequest, simulate_greedy, simulate_greedy_batch
+from adaspec.core.drafters.base import Draft, DraftRequest, Observation
+from adaspec.core.drafters.suffix import SuffixDrafter
+from adaspec.core.drafters.suffix.tree import SuffixIndex
+from adaspec.core.bench.suffix_replay import ReplayRequest, simulate_greedy, simulate_greedy_batch
 
 TENANT = "bench"
 
