@@ -247,7 +247,8 @@ def bench_drift_cmd(
         [], "--phase", help="NAME=PATH[:N], repeatable, in stream order (default: mt_bench, humaneval, "
         "code_edit, gsm8k, mt_bench from the shared data dir)."),
     per_phase: int = typer.Option(32, min=1, help="Requests per default phase (and N when a --phase omits it)."),
-    quick: bool = typer.Option(False, "--quick", help="Small stream (8 per phase, 48 tokens): a few minutes."),
+    quick: bool = typer.Option(False, "--quick", help="Small stream (6 per phase, 32 tokens): replay <= 3 min, "
+                               "--live --sidecar <= 5 min on a 2-core CPU."),
     live: bool = typer.Option(False, "--live", help="Run the reference engine end to end instead of replaying."),
     sidecar: bool = typer.Option(False, "--sidecar", help="With --live: learn in a real sidecar process over "
                                  "sockets (logs out, weights swapped in between steps) instead of in-process."),
@@ -281,14 +282,16 @@ def bench_drift_cmd(
     from adaspec.core.target import load_target
 
     if quick:
-        per_phase, max_new_tokens, window = min(per_phase, 8), min(max_new_tokens, 48), min(window, 8)
+        per_phase, max_new_tokens, window = min(per_phase, 6), min(max_new_tokens, 32), min(window, 6)
     policy = [policy_registry.entry(p).name for p in policy]  # aliases -> the stable JSON names
     if sidecar and not live:
         raise RequestError("--sidecar needs --live (a replay has no server to swap weights into)")
     phases = [parse_phase(p, per_phase) for p in phase] or default_phases(per_phase)
     s = _settings(config, model=model, cache_dir=cache_dir, temperature=0.0)
     target = load_target(s)
-    args = DriftArgs(phases=phases, policies=policy or list(policy_registry.names()), k=lookahead,
+    # The hindsight oracle plans from recorded answers: live it would only repeat its replay (and cost a run).
+    default = [n for n in policy_registry.names() if not (live and policy_registry.entry(n).needs_oracle)]
+    args = DriftArgs(phases=phases, policies=policy or default, k=lookahead,
                      batch_size=batch_size,
                      max_new_tokens=max_new_tokens, window=window, live=live, learn=not no_learn,
                      remeasure_costs=remeasure_costs, costs=costs, sidecar=sidecar)

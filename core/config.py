@@ -116,7 +116,8 @@ class Settings(BaseSettings):
         default=0.25,
         gt=0.0,
         le=1.0,
-        description="Compact the batched KV cache once this fraction of its slots are rejected drafts/padding.",
+        description="Compact the batched KV cache once compaction would free this fraction of its slots (rejected "
+        "drafts, departed rows).",
     )
 
     @field_validator("prompt_lookup_max_ngram")

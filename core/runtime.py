@@ -22,11 +22,12 @@ class Runtime:
     engine: SpecEngine
 
     @classmethod
-    def load(cls, settings: Settings, drafter_names: Sequence[str] = ()) -> "Runtime":
-        """Build drafters first (an unknown name fails before the model loads), then the target."""
+    def load(cls, settings: Settings, drafter_names: Sequence[str] = (), target: Target | None = None) -> "Runtime":
+        """Build drafters first (an unknown name fails before the model loads), then the target (or use a
+        loaded one)."""
         names = list(dict.fromkeys(["none", *drafter_names]))
         require_known(names)
-        target = load_target(settings)
+        target = target if target is not None else load_target(settings)
         drafters = {n: make_drafter(n, settings, target) for n in names}
         engine = SpecEngine(target, drafters, settings.batch_size, settings.compact_holes_ratio)
         return cls(settings, target, drafters, engine)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaspec.core.datasets import load_prompts
 from adaspec.core.drafters.adaptive import AdaptiveDrafter
 from adaspec.core.drafters.registry import make_drafter
 from adaspec.core.drift.replay_engine import TraceEngine
-from adaspec.core.drift.traces import TraceStore, trace_layers
 from adaspec.core.engine.engine import RequestSpec
 from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams
@@ -39,37 +37,27 @@ def replay_tau(target, drafter, name, prompts, traces, k, new_tokens=NEW_TOKENS,
     return sum(len(r.output_tokens) for r in res) / sum(r.target_forwards for r in res)
 
 
-@pytest.fixture(scope="module")
-def store(real_runtime, real_settings):
-    return TraceStore(real_settings.cache_dir / "traces", real_runtime.target)
-
-
-def traces_for(store, rt, settings, path, limit, offset=0):
-    prompts = [rt.target.encode(r.prompt) for r in load_prompts(path, limit, offset=offset)]
-    return prompts, store.ensure(prompts, NEW_TOKENS, trace_layers(settings, rt.target))
-
-
-def test_static_head_tau_on_mt_bench(real_runtime, real_settings, store, data_dir):
+def test_static_head_tau_on_mt_bench(real_runtime, real_settings, real_traces):
     """80 MT-bench first turns, greedy, chain lookahead 6, 128 new tokens."""
-    prompts, traces = traces_for(store, real_runtime, real_settings, data_dir / "mt_bench.jsonl", 80)
+    prompts, traces = real_traces.get("mt_bench", 80)
     tau = replay_tau(real_runtime.target, make_drafter("static", real_settings, real_runtime.target), "static",
-                     prompts, traces, k=6)
+                     prompts, traces, k=6, batch_size=16)  # greedy replay: tau does not depend on the batch
     print(f"static head tau on 80 MT-bench prompts (k=6): {tau:.3f}")
     assert tau >= STATIC_MT_BENCH_TAU
 
 
-def test_adaptive_head_learns_a_domain(real_runtime, real_settings, store, data_dir):
+def test_adaptive_head_learns_a_domain(real_runtime, real_traces):
     """learn() on 2,000 tokens of code_edit lifts tau on unseen code_edit prompts over the starting point.
 
     The labels are the target's own top-32 logits at each position (`distill_targets`: its LM head on the logged
     hidden state of the next position), which carry far more than the one token it emitted."""
     target = real_runtime.target
-    train_p, train_t = traces_for(store, real_runtime, real_settings, data_dir / "code_edit.jsonl", 24)
-    held_p, held_t = traces_for(store, real_runtime, real_settings, data_dir / "code_edit.jsonl", 12, offset=40)
+    train_p, train_t = real_traces.get("code_edit", 24)
+    held_p, held_t = real_traces.get("code_edit", 12, offset=40)
     torch.manual_seed(0)
     head = AdaptiveHead.for_target(target, inner_size=1024, seed=0, lr=ADAPTIVE_LR, step_decay=ADAPTIVE_DECAY)
     drafter = AdaptiveDrafter(head, collect=1_000_000, unroll=3)
-    before = replay_tau(target, drafter, "adaptive", held_p, held_t, k=4)
+    before = replay_tau(target, drafter, "adaptive", held_p, held_t, k=4, batch_size=12)
     drafter.take_experience()  # nothing from the held-out prompts is trained on
     streams: list = []
     drafter.on_experience = lambda rid, f, y: streams.append(
@@ -89,7 +77,7 @@ def test_adaptive_head_learns_a_domain(real_runtime, real_settings, store, data_
         for i in range(0, n, 128):
             idx = perm[i : i + 128]
             head.learn(AdaptiveFeatures(hidden[idx], tokens[idx]), targets[idx], (ids[idx], logits[idx]))
-    after = replay_tau(target, drafter, "adaptive", held_p, held_t, k=4)
+    after = replay_tau(target, drafter, "adaptive", held_p, held_t, k=4, batch_size=12)
     gain = after / before - 1.0
     print(f"adaptive head on unseen code_edit: tau {before:.3f} -> {after:.3f} ({gain:+.1%})")
     assert gain >= ADAPTIVE_GAIN

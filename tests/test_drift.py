@@ -159,7 +159,7 @@ def test_replay_refuses_sampling_and_missing_traces(tiny):
 
 # -- real model: replay == live with the hidden-state heads and online learning ---------------------------------
 @pytest.mark.model
-def test_real_model_replay_and_live_give_identical_tau(real_runtime, real_settings, data_dir, tmp_path):
+def test_real_model_replay_and_live_give_identical_tau(real_runtime, real_settings, real_traces, data_dir):
     from adaspec.core.controller.settings import ControllerSettings
     from adaspec.core.drift.runner import run_policy
 
@@ -167,7 +167,8 @@ def test_real_model_replay_and_live_give_identical_tau(real_runtime, real_settin
     stream = build_stream([PhaseSpec("chat", data_dir / "mt_bench.jsonl", 2),
                            PhaseSpec("code", data_dir / "code_edit.jsonl", 2)])
     prompts = [target.encode(r.prompt) for r in stream]
-    traces = TraceStore(tmp_path, target).ensure(prompts, 32, [-1, *real_runtime.drafters["static"].hidden_layers])
+    traces = real_traces.get("mt_bench", 2, new_tokens=32)[1] + real_traces.get("code_edit", 2, new_tokens=32)[1]
+    assert [tr.tokens[: tr.prompt_len] for tr in traces] == prompts
     settings = real_settings.model_copy(update={"cache_dir": real_settings.cache_dir})
     learner = {"batch_size": 16, "min_samples": 8, "replay_ratio": 2.0, "gate_every": 2, "gate_min_samples": 4,
                "holdout_fraction": 0.5}

@@ -34,7 +34,6 @@ from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads.adaptive import IGNORE, AdaptiveFeatures, AdaptiveHead
 from adaspec.core.online.attach import OnlineAdaptive
 from adaspec.sidecar.process import spawn_sidecar
-from adaspec.core.target import load_target
 from adaspec.core.online.wire import LogBatch
 from adaspec.sidecar.gate import replay_accepted
 from adaspec.sidecar.samples import StreamAssembler
@@ -50,8 +49,8 @@ SIDECAR = dict(batch_size=32, unroll=2, gate_every=4, gate_k=K, gate_max_samples
 
 
 @pytest.fixture(scope="module")
-def target():
-    return load_target(load_settings(device="cpu"))
+def target(real_target):
+    return real_target
 
 
 def _acceptance(records) -> tuple[float, int]:

@@ -62,3 +62,45 @@ def test_spawned_sidecar_dies_with_its_parent(sig):
         if parent.poll() is None:
             parent.kill()
         cleanup(root)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().split(")")[-1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+@pytest.mark.model
+def test_killing_the_live_drift_benchmark_leaves_no_orphan_sidecar(data_dir):
+    """`adaspec bench drift --live --sidecar` killed with SIGKILL mid-run: its sidecar stops too."""
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "adaspec.core.cli", "bench", "drift", "--live", "--sidecar", "--policy", "adaptive",
+         "--phase", f"code={data_dir / 'code_edit.jsonl'}:8", "--max-new-tokens", "256", "--costs", "gpu-small-model"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, sidecar = time.monotonic() + 120, None
+        while sidecar is None and time.monotonic() < deadline and bench.poll() is None:
+            for c in _children(bench.pid):
+                with open(f"/proc/{c}/cmdline", "rb") as f:
+                    if b"adaspec.sidecar" in f.read():
+                        sidecar = c
+            time.sleep(0.2)
+        assert sidecar is not None, "the benchmark never started its sidecar"
+        time.sleep(2.0)  # serving and learning
+        bench.kill()
+        bench.wait(10)
+        deadline = time.monotonic() + 20
+        while _alive(sidecar) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(sidecar), "the benchmark's sidecar outlived it (orphan)"
+    finally:
+        if bench.poll() is None:
+            bench.kill()

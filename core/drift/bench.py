@@ -62,7 +62,10 @@ def run_drift(args: DriftArgs, settings: Settings, target: Target, controller: C
     probe = {n: make_drafter(n, settings, target) for n in needed}
     store = TraceStore(settings.cache_dir / "traces", target)
     t0 = time.perf_counter()
-    traces = store.ensure(prompts, args.max_new_tokens, trace_layers(settings, target), progress=progress)
+    # Replay runs on recorded answers, and so does the hindsight oracle; a live run of the others needs none.
+    needs_traces = not args.live or any(policy_registry.entry(p).needs_oracle for p in args.policies)
+    traces = (store.ensure(prompts, args.max_new_tokens, trace_layers(settings, target), progress=progress)
+              if needs_traces else None)
     record_s = time.perf_counter() - t0
     costs = resolve_costs(args.costs)
     if costs is None:
@@ -78,17 +81,19 @@ def run_drift(args: DriftArgs, settings: Settings, target: Target, controller: C
                                 learner_kwargs=args.learner, sidecar=args.sidecar)
         if progress:
             progress.advance(task)
-    return report(args, stream, labels, runs, costs, traces, record_s)
+    return report(args, stream, labels, runs, costs, record_s)
 
 
-def report(args: DriftArgs, stream, labels: list[str], runs: dict[str, PolicyRun], costs: StepCosts, traces,
+def report(args: DriftArgs, stream, labels: list[str], runs: dict[str, PolicyRun], costs: StepCosts,
            record_s: float) -> dict[str, Any]:
     base = None
     if "none" in runs:
         base = {p: sum(o.modeled_s for o in runs["none"].outcomes if o.phase == p) for p in labels}
-    else:  # price plain decoding even when it was not run: one forward per token in a full batch
+    else:  # price plain decoding even when it was not run: one forward per token in a full batch (greedy
+        # outputs are the same under every policy, so any run's token counts are plain decoding's)
         per_token = costs.a / args.batch_size + costs.b + costs.c
-        base = {p: per_token * sum(len(tr.output) for tr, r in zip(traces, stream) if r.phase == p) for p in labels}
+        outcomes = next(iter(runs.values())).outcomes
+        base = {p: per_token * sum(o.tokens for o in outcomes if o.phase == p) for p in labels}
     policies = {name: summarize(run.outcomes, labels, args.window, base) for name, run in runs.items()}
     for name, run in runs.items():
         policies[name]["seconds"] = run.seconds

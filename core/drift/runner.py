@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -56,7 +57,7 @@ class _StepClock:
 
 
 def run_policy(
-    name: str, stream: Sequence[StreamRequest], prompts: Sequence[Sequence[int]], traces: Sequence[Trace],
+    name: str, stream: Sequence[StreamRequest], prompts: Sequence[Sequence[int]], traces: Sequence[Trace] | None,
     target: Any, settings: Settings, controller: ControllerSettings, costs: StepCosts, k: int,
     batch_size: int, max_new_tokens: int, live: bool = False, learn: bool = True,
     learner_kwargs: dict[str, Any] | None = None, sidecar: bool = False,
@@ -76,7 +77,9 @@ def run_policy(
     else:
         engine = TraceEngine(target, drafters, costs.verify_time, batch_size=batch_size)
     specs = [RequestSpec(list(p), f"r{req.index}", TENANT) for req, p in zip(stream, prompts)]
-    trace_by_id = {sp.request_id: tr for sp, tr in zip(specs, traces)}
+    trace_by_id = {sp.request_id: tr for sp, tr in zip(specs, traces or ())}
+    if (not live or entry.needs_oracle) and len(trace_by_id) != len(specs):
+        raise ValueError(f"policy {name!r} {'replays' if not live else 'plans from'} recorded traces: none given")
     if isinstance(engine, TraceEngine):
         engine.traces = trace_by_id
     oracle = TraceOracle(drafters, trace_by_id, controller.max_k) if entry.needs_oracle else None
@@ -127,31 +130,41 @@ def run_policy(
 
 
 class _SidecarLink:
-    """A real sidecar process over IPC sockets for one policy run: logs out, weights in (core/online.py)."""
+    """A real sidecar process over IPC sockets for one policy run: logs out, weights in (`core/online`). Its
+    temp dir (sockets, state, log) is removed when the run ends, however it ends."""
 
     def __init__(self, engine: SpecEngine, drafter: Any, name: str, knobs: dict[str, Any] | None) -> None:
         import tempfile
         from pathlib import Path
 
         from adaspec.core.online.attach import OnlineAdaptive
-        from adaspec.sidecar.process import spawn_sidecar
         from adaspec.core.online.settings import TransportSettings
+        from adaspec.sidecar.process import spawn_sidecar
 
-        tmp = Path(tempfile.mkdtemp(prefix="as-drift-", dir="/tmp"))  # IPC paths must stay short
-        ts = TransportSettings(run_dir=tmp / "run")
-        self.process = spawn_sidecar(ts, tmp / "state", head=drafter.head,
-                                     settings={"replay_ratio": LEARN_REPLAY_RATIO, **(knobs or {})},
-                                     env={"OMP_NUM_THREADS": "1"})
+        self.tmp = Path(tempfile.mkdtemp(prefix="as-drift-", dir="/tmp"))  # IPC paths must stay short
+        ts = TransportSettings(run_dir=self.tmp / "run")
+        try:
+            self.process = spawn_sidecar(ts, self.tmp / "state", head=drafter.head,
+                                         settings={"replay_ratio": LEARN_REPLAY_RATIO, **(knobs or {})},
+                                         env={"OMP_NUM_THREADS": "1"})
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         try:
             self.online = OnlineAdaptive(engine, drafter, ts, server_id=f"drift-{name}").start()
             self.online.wait_synced(30)
         except BaseException:
             self.process.stop()
+            shutil.rmtree(self.tmp, ignore_errors=True)
             raise
 
     def close(self) -> dict[str, Any]:
-        info = {"versions_applied": self.online.versions_applied(),
-                "logs_dropped": int(self.online.logs_dropped().get("batches", 0))}
-        self.online.close()
-        self.process.stop()
-        return info
+        try:
+            info = {"versions_applied": self.online.versions_applied(),
+                    "logs_dropped": int(self.online.logs_dropped().get("batches", 0)),
+                    "sidecar_alive_at_end": self.process.alive()}
+            self.online.close()
+            self.process.stop()
+            return info
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -19,7 +19,7 @@ import torch
 
 from adaspec.core import fsio
 from adaspec.core.controller.costs import CostModel
-from adaspec.core.drafters.base import Drafter
+from adaspec.core.drafters.base import Drafter, DrafterBase
 from adaspec.core.engine.engine import RequestSpec, SpecEngine
 from adaspec.core.step import FixedPolicy, StepRecord
 from adaspec.core.engine.sampling import SamplingParams
@@ -79,13 +79,14 @@ class StepCosts:
                    str(d.get("source", "file")), {k: float(v) for k, v in d.get("draft_step", {}).items()})
 
 
-class _TimedDrafter:
+class _TimedDrafter(DrafterBase):
     """Wraps a drafter to time its per-step upkeep (`observe`), which the engine's draft_s does not include."""
 
     def __init__(self, inner: Drafter) -> None:
         self.inner = inner
         self.name = inner.name
         self.hidden_layers = inner.hidden_layers
+        self.weight_version = inner.weight_version
         self.observe_s = 0.0
 
     def start(self, request):

@@ -3,7 +3,8 @@
 Requests in a batch accept different numbers of drafts, so their caches cannot be cropped to one length.
 Instead every cache slot carries a validity bit (the 2-D attention mask transformers already understands):
 rejected drafts and padding become invalid slots ("holes"), the tail that no request uses is cropped, and
-when holes exceed a ratio the cache is compacted by one gather into a left-padded layout. Position ids are
+when compaction would free more than a ratio of the slots the cache is compacted by one gather into a
+left-padded layout (padding alone never triggers it: it cannot be freed). Position ids are
 tracked per request (number of valid tokens), so RoPE never sees the layout.
 """
 
@@ -29,10 +30,6 @@ class BatchKV:
     @property
     def slots(self) -> int:
         return int(self.valid.shape[1])
-
-    def hole_ratio(self) -> float:
-        total = self.valid.numel()
-        return 0.0 if total == 0 else 1.0 - float(self.valid.sum()) / total
 
     # -- one forward step ------------------------------------------------------------------------------------
     def step_inputs(self, chunk_lens: torch.Tensor, chunk_width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +80,17 @@ class BatchKV:
         self.lengths = torch.cat([self.lengths, other.lengths])
 
     # -- compaction ---------------------------------------------------------------------------------------------
+    def reclaimable_ratio(self) -> float:
+        """Share of the slots a compaction would free (its width is the longest row's valid count): the holes
+        beyond what the longest row needs. Padding that compaction cannot remove does not count."""
+        if self.batch_size == 0 or self.slots == 0:
+            return 0.0
+        return 1.0 - int(self.lengths.max()) / self.slots
+
     def maybe_compact(self, ratio: float) -> bool:
-        if self.batch_size == 0 or self.hole_ratio() <= ratio:
+        """Compact when more than `ratio` of the slots can be reclaimed (never for padding alone: a batch of
+        prompts of different lengths would otherwise be gathered anew every step for nothing)."""
+        if self.batch_size == 0 or self.reclaimable_ratio() <= ratio:
             return False
         self.compact()
         return True
