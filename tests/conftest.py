@@ -16,7 +16,7 @@ from tiny_models import make_tiny_target
 
 #: Every real-model prompt set a test replays, recorded together once (128 new tokens, greedy, batched) on the
 #: first use: (dataset, offset, count). Shorter budgets reuse a prefix of these recordings.
-REAL_TRACE_SETS = (("mt_bench", 0, 80), ("humaneval", 0, 16), ("code_edit", 0, 24), ("code_edit", 40, 12))
+REAL_TRACE_SETS = (("mt_bench", 0, 40), ("humaneval", 0, 16), ("code_edit", 0, 24), ("code_edit", 40, 12))
 REAL_TRACE_TOKENS = 128
 REAL_TRACE_BATCH = 16
 
