@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from adaspec.core import fsio
 from adaspec.core.config import Settings, load_settings, settings_table
 from adaspec.core.console import err, out, run_cli
 from adaspec.core.errors import ConfigError
@@ -161,6 +163,119 @@ def generate_cmd(
         )
 
 
+@app.command("serve")
+def serve_cmd(
+    host: Optional[str] = typer.Option(None, help="Address to listen on (ADASPEC_SERVE_HOST, default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="HTTP port (ADASPEC_SERVE_PORT, default 8000)."),
+    policy: str = typer.Option("atlas", help="Policy by name (see `adaspec policies`)."),
+    sidecar_endpoint: Optional[Path] = typer.Option(
+        None, "--sidecar-endpoint", help="Join the sidecar listening in this run dir (its IPC sockets; TCP "
+        "endpoints and keys via ADASPEC_TRANSPORT_*) instead of starting one."),
+    no_sidecar: bool = typer.Option(False, "--no-sidecar", help="No online learning (the adaptive drafter "
+                                    "stays unused)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Requests decoded together."),
+    model: Optional[str] = ModelOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, streaming, /health, /metrics) with ATLAS
+    and, by default, a sidecar process it starts and stops."""
+    import shutil
+
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from adaspec.core.controller import load_controller_settings, make_policy, policy_drafters
+    from adaspec.core.drafters.registry import available
+    from adaspec.core.metrics import EngineMetrics, per_registry
+    from adaspec.core.runtime import Runtime
+    from adaspec.core.serve.app import create_app
+    from adaspec.core.serve.loop import ServingLoop
+    from adaspec.core.serve.settings import load_serve_settings
+
+    s = _settings(config, model=model, cache_dir=cache_dir, batch_size=batch_size)
+    ss = load_serve_settings(host=host, port=port)
+    names = policy_drafters(policy, list(available()))
+    rt = Runtime.load(s, drafter_names=names)
+    pol = make_policy(policy, names, s.lookahead, load_controller_settings())
+    registry = CollectorRegistry(auto_describe=True)
+    online = sidecar = None
+    run_dir = None
+    adaptive = rt.drafters.get("adaptive")
+    if adaptive is not None and not no_sidecar:
+        online, sidecar, run_dir = _attach_sidecar(rt, pol, registry, sidecar_endpoint, s.cache_dir)
+    else:
+        rt.engine.step_listeners.append(per_registry(EngineMetrics, registry))
+    loop = ServingLoop(rt.engine, pol, ss.max_waiting).start()
+    app_ = create_app(loop, rt.target, ss, registry, policy)
+    link = (f"joined {sidecar_endpoint}" if sidecar_endpoint else f"pid {sidecar.pid}" if sidecar else "none")
+    err.print(f"[green]serving[/] {rt.target.name} with policy {policy} on http://{ss.host}:{ss.port} "
+              f"(sidecar: {link})")
+    server = _Uvicorn(uvicorn.Config(app_, host=ss.host, port=ss.port, log_level="warning", access_log=False))
+    try:
+        server.run()
+    finally:
+        loop.stop()
+        if online is not None:
+            online.close()
+        if sidecar is not None:
+            sidecar.stop()
+        if run_dir is not None and sidecar_endpoint is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class _Uvicorn:
+    """uvicorn's server with SIGTERM/SIGINT meaning "drain and return" (uvicorn itself re-raises the signal after
+    shutting down, which would end the process before the engine thread, the log link and the sidecar we
+    started are stopped)."""
+
+    def __init__(self, config) -> None:
+        import contextlib
+        import signal
+
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # type: ignore[override]
+                yield
+
+        self.server = Server(config)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self.server, "should_exit", True))
+
+    def run(self) -> None:
+        self.server.run()
+
+
+def _attach_sidecar(rt, policy, registry, endpoint: Optional[Path], cache_dir: Path):
+    """Start a sidecar (state under the cache dir, so what it learned survives restarts) or join one; attach
+    logs out / weights in to the engine. A sidecar that does not come up is a warning, not a failure: serving
+    never waits for it (the link guard keeps the adaptive drafter out of the plan until it answers)."""
+    import tempfile
+
+    from adaspec.core.online.attach import OnlineAdaptive
+    from adaspec.core.online.settings import TransportSettings
+    from adaspec.sidecar.process import SidecarError, spawn_sidecar
+
+    drafter = rt.drafters["adaptive"]
+    if endpoint is not None:
+        ts, sidecar, run_dir = TransportSettings(run_dir=endpoint), None, endpoint
+    else:
+        run_dir = Path(tempfile.mkdtemp(prefix="as-serve-", dir="/tmp"))  # IPC paths must stay short
+        ts = TransportSettings(run_dir=run_dir)
+        try:
+            sidecar = spawn_sidecar(ts, Path(cache_dir) / "serve" / "sidecar", head=drafter.head,
+                                    env={"OMP_NUM_THREADS": "1"})
+        except SidecarError as exc:
+            err.print(f"[yellow]warning:[/] the sidecar did not start ({str(exc).splitlines()[0]}); serving "
+                      "without online learning")
+            sidecar = None
+    online = OnlineAdaptive(rt.engine, drafter, ts, server_id=f"serve-{os.getpid()}", registry=registry).start()
+    online.guard(policy)
+    return online, sidecar, run_dir
+
+
 @app.command("check-lossless")
 def check_lossless_cmd(
     prompts: Path = typer.Option(..., "--prompts", help="JSONL file with a `prompt` field per line."),
@@ -308,6 +423,48 @@ def bench_drift_cmd(
         raise typer.Exit(1)
 
 
+@app.command("demo")
+def demo_cmd(
+    per_phase: int = typer.Option(8, min=1, help="Requests per phase."),
+    max_new_tokens: int = typer.Option(48, min=1),
+    plot_path: Path = typer.Option(Path("adaspec-demo.png"), "--plot", help="Rolling tau and tok/s (PNG)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Everything measured, as JSON."),
+    model: Optional[str] = ModelOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """ATLAS learning live on this machine: a stream drifting from chat to Python to Go, served by plain
+    decoding, the static head, the suffix tree and ATLAS with a real sidecar process, measured side by side."""
+    from rich.progress import Progress
+
+    from adaspec.core.controller import load_controller_settings
+    from adaspec.core.datasets import shared_data_dir
+    from adaspec.core.drift.bench import DriftArgs, run_drift
+    from adaspec.core.drift.plot import plot_drift
+    from adaspec.core.drift.stream import PhaseSpec
+    from adaspec.core.drift.table import print_demo
+    from adaspec.core.target import load_target
+
+    d = shared_data_dir()
+    phases = [PhaseSpec("chat", d / "mt_bench.jsonl", per_phase), PhaseSpec("python", d / "humaneval.jsonl", per_phase),
+              PhaseSpec("go", d / "go_code.jsonl", per_phase)]
+    s = _settings(config, model=model, cache_dir=cache_dir, temperature=0.0)
+    target = load_target(s)
+    args = DriftArgs(phases=phases, policies=["none", "static", "suffix", "atlas"], k=6, batch_size=4,
+                     max_new_tokens=max_new_tokens, window=max(2, per_phase // 2), live=True, sidecar=True)
+    t0 = time.perf_counter()
+    with Progress(console=err, transient=True) as progress:
+        result = run_drift(args, s, target, load_controller_settings(), progress)
+    print_demo(result, out)
+    plot_drift(result, plot_path, width=max(2, per_phase // 2), title="adaspec demo")
+    out.print(f"plot: {plot_path}   ({time.perf_counter() - t0:.0f} s)")
+    if json_path:
+        fsio.write_json(json_path, result, indent=1)
+    if not all(result["identical_outputs"].values()):
+        err.print("[red]a policy changed the greedy output[/]")
+        raise typer.Exit(1)
+
+
 @bench_app.command("tau")
 def bench_tau_cmd(
     dataset: list[str] = typer.Option(
@@ -426,6 +583,15 @@ def bench_controller_cmd(ctx: typer.Context) -> None:
     from adaspec.core.bench.controller import main as controller_main
 
     raise typer.Exit(controller_main(list(ctx.args)) or 0)
+
+
+@bench_app.command("serve", context_settings=_PASSTHROUGH)
+def bench_serve_cmd(ctx: typer.Context) -> None:
+    """Load check of a running `adaspec serve`: concurrent streams, latency p50/p99, tok/s, memory. Extra args
+    go to the benchmark (--url, --concurrency, --seconds, --pid, --json)."""
+    from adaspec.core.bench.serve_load import main as load_main
+
+    raise typer.Exit(load_main(list(ctx.args)) or 0)
 
 
 @bench_app.command("suffix", context_settings=_PASSTHROUGH)

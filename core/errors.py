@@ -17,3 +17,7 @@ class ModelError(AdaspecError):
 
 class RequestError(AdaspecError):
     """A generation request is invalid (empty prompt, too long for the context, unknown drafter)."""
+
+
+class ContextLengthError(RequestError):
+    """The prompt leaves no room to generate within the model's context window."""

@@ -25,6 +25,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 #: Lookahead buckets (k is an int; le=k+0.5 puts each k in its own bucket up to 16).
 K_BUCKETS = tuple(k + 0.5 for k in range(0, 17)) + (32.5, 64.5)
 PAUSE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+BATCH_BUCKETS = (1.5, 2.5, 4.5, 8.5, 16.5, 32.5, 64.5, 128.5, 256.5)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class EngineMetrics:
@@ -44,9 +46,13 @@ class EngineMetrics:
         self.swap_pause = Histogram("adaspec_engine_swap_pause_seconds",
                                     "Serving pause of each weight swap between steps.", ["drafter"],
                                     buckets=PAUSE_BUCKETS, registry=registry)
+        self.batch_size = Histogram("adaspec_engine_batch_size", "Requests in each target forward.",
+                                    buckets=BATCH_BUCKETS, registry=registry)
 
     def __call__(self, records: Sequence[Any]) -> None:
         try:
+            if records:
+                self.batch_size.observe(records[0].batch_size)
             for r in records:
                 name = r.drafter or "none"
                 self.forwards.labels(name).inc()
@@ -98,6 +104,24 @@ class LogMetrics:
         )
         self.errors = Counter("adaspec_log_publisher_errors", "Unexpected errors swallowed by the publisher.",
                               ["server"], registry=registry)
+
+
+class ServeMetrics:
+    """The HTTP side of `adaspec serve`: requests by endpoint and status, latency, time to first token,
+    generated tokens, and the engine's running / waiting requests."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("adaspec_http_requests", "HTTP requests answered, by endpoint and status code.",
+                                ["endpoint", "status"], registry=registry)
+        self.latency = Histogram("adaspec_http_request_seconds", "Request latency (to the last byte), by endpoint.",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram("adaspec_http_time_to_first_token_seconds", "Time to the first generated token.",
+                              buckets=LATENCY_BUCKETS, registry=registry)
+        self.tokens = Counter("adaspec_http_generated_tokens", "Completion tokens returned to clients.",
+                              registry=registry)
+        self.running = Gauge("adaspec_engine_running_requests", "Requests in the engine's batch.", registry=registry)
+        self.waiting = Gauge("adaspec_engine_waiting_requests", "Requests waiting for a batch slot.",
+                             registry=registry)
 
 
 _metrics_lock = threading.Lock()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from adaspec.core.config import Settings
-from adaspec.core.errors import ModelError, RequestError
+from adaspec.core.errors import ContextLengthError, ModelError, RequestError
 from adaspec.core.models import resolve_model_path
 
 _DTYPES = {
@@ -74,18 +74,26 @@ class Target:
         """Token ids for a raw user prompt: wrapped in the chat template (default) or sent as-is."""
         if not prompt or not prompt.strip():
             raise RequestError("empty prompt")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        return self._checked([int(t) for t in self.tokenizer(prompt, add_special_tokens=True)["input_ids"]])
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation under the model's chat template, ready for the assistant's turn."""
+        if not any(m["content"].strip() for m in messages):
+            raise RequestError("empty prompt")
         tok = self.tokenizer
-        if chat and getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-        else:
-            ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        if not getattr(tok, "chat_template", None):  # a base model: the turns as plain text
+            return self._checked(tok("\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"])
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return self._checked([int(t) for t in ids])
+
+    def _checked(self, ids: list[int]) -> list[int]:
         ids = [int(t) for t in ids]
         if len(ids) >= self.context_len:
-            raise RequestError(
+            raise ContextLengthError(
                 f"prompt is {len(ids)} tokens; the model's context is {self.context_len} tokens "
                 "(at least one token must be left to generate)"
             )

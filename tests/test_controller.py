@@ -25,12 +25,13 @@ from adaspec.core.controller import (
 )
 from adaspec.core.drafters.base import Draft, DrafterBase
 from adaspec.core.engine.engine import RequestSpec, RequestState
+from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.step import FixedPolicy, Plan, StepRecord
 from adaspec.core.errors import ConfigError
 
 
 def state(rid: str, tenant: str = "t", max_new: int = 10_000, pending: int = 1) -> RequestState:
-    st_ = RequestState(RequestSpec([1, 2, 3], rid, tenant), 0, max_new, None)
+    st_ = RequestState(RequestSpec([1, 2, 3], rid, tenant), 0, SamplingParams(max_new_tokens=max_new), None)
     st_.pending = [3] * pending
     return st_
 

@@ -10,7 +10,7 @@ import torch
 from adaspec import kernels
 from adaspec.core.drafters.none import NoneDrafter
 from adaspec.core.drafters.prompt_lookup import PromptLookupDrafter
-from adaspec.core.engine.engine import SpecEngine
+from adaspec.core.engine.engine import RequestSpec, SpecEngine
 from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams, target_probs
 from drafters_for_tests import SampledQDrafter
@@ -130,3 +130,27 @@ def test_real_model_first_token_distribution(real_runtime, which):
     pvalue, tv = goodness_of_fit(samples, p1)
     assert pvalue > ALPHA, f"chi-square p={pvalue:.2e}, TV={tv:.4f}"
     assert tv < tv_bound(p1, n)
+
+
+def test_a_batch_mixing_greedy_and_sampled_requests_keeps_each_exact(tiny):
+    """Each request samples under its own parameters: in one batch, the greedy rows are plain greedy token for
+    token, and the sampled rows' first two tokens follow the exact (T, top-p) distribution (chi-square/TV, the
+    bound as above). Negative control: the same rows under another temperature fail the test."""
+    p1, p2 = exact_first_two(tiny, PROMPT, T, TOP_P)
+    greedy = SamplingParams(max_new_tokens=6)
+    plain = SpecEngine(tiny, [NoneDrafter()], batch_size=1).generate([PROMPT], greedy, FixedPolicy(None, 0))
+    eng = SpecEngine(tiny, [PromptLookupDrafter(1, 3)], batch_size=64)
+    session = eng.session(FixedPolicy("prompt-lookup", 2))
+    n = 3000
+    sampled = [session.add(RequestSpec(list(PROMPT), f"s{i}"), SamplingParams(3, T, TOP_P, seed=7), index=i)
+               for i in range(n)]
+    greedy_rows = [session.add(RequestSpec(list(PROMPT), f"g{i}"), greedy, index=n + i) for i in range(n // 10)]
+    while session.step():
+        pass
+    assert all(st.output == plain[0].output_tokens for st in greedy_rows)
+    assert sum(rec.accepted for st in sampled for rec in st.records) > 20  # drafts were accepted, and rejected
+    for samples, p in (([st.output[0] for st in sampled], p1), ([st.output[1] for st in sampled], p2)):
+        pvalue, tv = goodness_of_fit(samples, p)
+        assert pvalue > ALPHA and tv < tv_bound(p, n), f"chi-square p={pvalue:.2e}, TV={tv:.4f}"
+    hot, _ = exact_first_two(tiny, PROMPT, 2.0 * T, TOP_P)  # negative control: a different distribution
+    assert goodness_of_fit([st.output[0] for st in sampled], hot)[0] < ALPHA

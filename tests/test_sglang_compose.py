@@ -61,7 +61,8 @@ def test_schema_check_rejects_a_broken_compose(tmp_path):
 def test_services_healthchecks_and_gpu_reservation():
     doc = load()
     services = doc["services"]
-    assert set(services) == {"sglang", "sidecar", "prometheus", "grafana"}
+    assert set(services) == {"sglang", "sidecar", "serve-cpu", "sidecar-cpu", "prometheus", "grafana"}
+    assert services["sglang"]["profiles"] == services["sidecar"]["profiles"] == ["gpu"]
     for name, svc in services.items():
         assert svc["healthcheck"]["test"][0] == "CMD", name
     devices = services["sglang"]["deploy"]["resources"]["reservations"]["devices"]
@@ -85,7 +86,7 @@ def test_sglang_runs_atlas_from_the_repo_image():
 
 def test_shared_ipc_and_checkpoint_volumes():
     doc = load()
-    assert set(doc["volumes"]) == {"adaspec-ipc", "adaspec-checkpoints"}
+    assert set(doc["volumes"]) == {"adaspec-ipc", "adaspec-checkpoints", "adaspec-cpu-cache"}
     mounts = {}
     for name in ("sglang", "sidecar"):
         svc = doc["services"][name]
@@ -104,7 +105,7 @@ def test_prometheus_scrapes_sglang_and_sidecar():
     mount = next(v for v in doc["services"]["prometheus"]["volumes"] if v.endswith("prometheus.yml:ro"))
     prom = yaml.safe_load((ROOT / mount.split(":")[0]).read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    assert targets == {"sglang:30000", "sidecar:9400"}
+    assert targets == {"sglang:30000", "sidecar:9400", "serve-cpu:8000", "sidecar-cpu:9400"}
     assert "--port" in doc["services"]["sglang"]["command"] and "9400" in doc["services"]["sidecar"]["command"]
 
 
@@ -122,3 +123,21 @@ def test_grafana_provisions_prometheus_and_the_dashboard():
     if not board.is_file():
         pytest.skip("deploy/grafana/adaspec-dashboard.json is not in the tree yet (the sidecar issue ships it)")
     assert "adaspec_" in json.dumps(json.loads(board.read_text()))
+
+
+def test_cpu_profile_serves_the_reference_engine_with_its_sidecar_and_no_gpu():
+    doc = load()
+    serve, side = doc["services"]["serve-cpu"], doc["services"]["sidecar-cpu"]
+    assert serve["profiles"] == side["profiles"] == ["cpu"]
+    assert "deploy" not in serve and "deploy" not in side  # no device reservation anywhere on this profile
+    cmd = serve["command"][-1]
+    assert "adaspec models fetch" in cmd and "adaspec serve --host 0.0.0.0 --port 8000" in cmd
+    assert "sidecar serve" in side["command"][-1] and "--metrics-port 9400" in side["command"][-1]
+    ipc = {name: dict(v.split(":")[:2] for v in svc["volumes"])["adaspec-ipc"] for name, svc in
+           (("serve", serve), ("side", side))}
+    assert ipc["serve"] == ipc["side"] == serve["environment"]["ADASPEC_TRANSPORT_RUN_DIR"]
+    assert f"--sidecar-endpoint {ipc['serve']}" in cmd  # the server joins the sidecar's sockets
+    assert serve["depends_on"]["sidecar-cpu"]["condition"] == "service_started"  # never waits on its health
+    assert serve["ports"] == ["8000:8000"] and serve["healthcheck"]["test"][0] == "CMD"
+    text = (ROOT / serve["build"]["dockerfile"]).read_text()
+    assert "download.pytorch.org/whl/cpu" in text and "torch==2.13.0" in text and "torch.version.cuda is None" in text

@@ -20,6 +20,7 @@ from adaspec.core.controller.policy import AtlasPolicy
 from adaspec.core.controller.settings import ControllerSettings
 from adaspec.core.drafters.base import Draft
 from adaspec.core.engine.engine import RequestSpec, RequestState
+from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.step import PolicyBase, StepRecord
 @dataclass(frozen=True)
 class DrafterModel:
@@ -70,7 +71,7 @@ class SyntheticLoad:
     def _new_request(self) -> RequestState:
         rid = f"req-{self.serial}"
         spec = RequestSpec([1, 2, 3], rid, f"tenant-{self.serial % self.tenants}")
-        st = RequestState(spec, self.serial, self.max_new_tokens, None)
+        st = RequestState(spec, self.serial, SamplingParams(max_new_tokens=self.max_new_tokens), None)
         st.pending = [3]
         self.serial += 1
         self.rates[rid] = {

@@ -31,6 +31,9 @@ from adaspec.core.drift.metrics import summarize
 from adaspec.core.drift.runner import PolicyRun, run_policy
 from adaspec.core.drift.stream import PhaseSpec, build_stream, phase_labels
 from adaspec.core.drift.traces import TraceStore, trace_layers
+from adaspec.core.engine.engine import SpecEngine
+from adaspec.core.engine.sampling import SamplingParams
+from adaspec.core.step import FixedPolicy
 from adaspec.core.target import Target
 
 WINDOW = 16
@@ -71,6 +74,9 @@ def run_drift(args: DriftArgs, settings: Settings, target: Target, controller: C
     if costs is None:
         cpath = settings.cache_dir / "drift" / f"costs-{store.fingerprint}-{torch.get_num_threads()}t.json"
         costs = load_or_measure(cpath, target, probe, prompts[:8], args.remeasure_costs)
+    if args.live:  # the first run would otherwise pay the process's warm-up (allocator, caches) alone
+        SpecEngine(target, {}, batch_size=args.batch_size).generate(
+            prompts[: args.batch_size], SamplingParams(max_new_tokens=8), FixedPolicy(None, 0))
     runs: dict[str, PolicyRun] = {}
     task = progress.add_task("policies", total=len(args.policies)) if progress else None
     for name in args.policies:

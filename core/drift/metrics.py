@@ -121,6 +121,7 @@ def summarize(outs: Sequence[RequestOutcome], phases: Sequence[str], window: int
         "windows": windows(outs, window),
         "windows_modeled_s": window_times(outs, window),
         "per_request_tau": [o.tau for o in sorted(outs, key=lambda o: o.index)],
+        "per_request_tok_s": [o.tokens / o.wall_s if o.wall_s else None for o in sorted(outs, key=lambda o: o.index)],
     }
 
 

@@ -75,8 +75,8 @@ class TraceEngine(SpecEngine):
         dlen = torch.tensor([len(d.tokens) for d in drafts], dtype=torch.long)
         return Forward(chunks, pend, dlen, max(len(c) for c in chunks), None, None, 0.0)
 
-    def _verify(self, states: Sequence[RequestState], drafts: Sequence[Draft], fwd: Forward, kv,  # type: ignore[override]
-                params: SamplingParams) -> Verdict:
+    def _verify(self, states: Sequence[RequestState], drafts: Sequence[Draft], fwd: Forward,  # type: ignore[override]
+                kv) -> Verdict:
         """Accepted = the draft's prefix matching the recorded output; kept hidden rows from the trace."""
         verify_s = self.verify_time(sum(len(c) for c in fwd.chunks), len(states))
         accepted, next_tokens, kept, hidden = [], [], [], []

@@ -65,3 +65,34 @@ def print_drift(result: dict[str, Any], console: Console) -> None:
                           f"{ln['published']} versions published")
     bad = [k for k, v in result["identical_outputs"].items() if not v]
     console.print("outputs identical across policies: " + ("yes" if not bad else f"NO ({', '.join(bad)})"))
+
+
+def print_demo(result: dict[str, Any], console: Console) -> None:
+    """Per phase and policy: wall tok/s, tau, the share of accepted draft tokens per drafter, versions swapped in."""
+    phases = [p["name"] for p in result["stream"]["phases"]]
+    t = Table(title="live, this machine: wall tok/s | tau | accepted draft tokens by drafter (share)")
+    t.add_column("policy")
+    for p in phases:
+        t.add_column(p, justify="right")
+    t.add_column("stream", justify="right")
+    for name, pol in result["policies"].items():
+        cells = []
+        for p in phases:
+            ph = pol["phases"][p]
+            acc = ph.get("accepted_by_drafter") or {}
+            total = sum(acc.values())
+            mix = " ".join(f"{d} {v / total:.0%}" for d, v in sorted(acc.items(), key=lambda kv: -kv[1]) if v) \
+                if total else "-"
+            cells.append(f"{ph['wall_tok_s'] or 0:.1f} | {ph['tau']:.2f} | {mix}")
+        wall = sum(pol["phases"][p]["tokens"] / pol["phases"][p]["wall_tok_s"] for p in phases
+                   if pol["phases"][p]["wall_tok_s"])
+        cells.append(f"{pol['tokens'] / wall if wall else 0:.1f} | {pol['tau']:.2f}")
+        t.add_row(name, *cells)
+    console.print(t)
+    for name, pol in result["policies"].items():
+        sc = pol.get("sidecar")
+        if sc:
+            console.print(f"{name}: the sidecar published and the server swapped in versions {sc['versions_applied']} "
+                          f"between steps (logs dropped: {sc['logs_dropped']})")
+    bad = [k for k, v in result["identical_outputs"].items() if not v]
+    console.print("outputs identical to plain decoding: " + ("yes" if not bad else f"NO ({', '.join(bad)})"))

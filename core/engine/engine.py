@@ -38,11 +38,11 @@ class RequestSpec:
 
 @dataclass
 class RequestState:
-    """A live request inside the engine."""
+    """A live request inside the engine (its own sampling parameters and random stream)."""
 
     spec: RequestSpec
     index: int
-    max_new_tokens: int
+    params: SamplingParams
     generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
@@ -55,6 +55,10 @@ class RequestState:
     @property
     def request_id(self) -> str:
         return self.spec.request_id
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
 
     @property
     def tenant(self) -> str:
@@ -146,32 +150,20 @@ class SpecEngine:
         params: SamplingParams,
         policy: PolicyBase,
     ) -> list[GenerationResult]:
-        specs = [r if isinstance(r, RequestSpec) else RequestSpec(list(r)) for r in requests]
-        states = [self._new_state(i, s, params) for i, s in enumerate(specs)]
-        queue = list(states)
-        running: list[RequestState] = []
-        kv = self._new_kv()
-        with torch.inference_mode():
-            while queue or running:
-                for hook in self.between_steps:
-                    hook()
-                free = self.batch_size - len(running)
-                if queue and free > 0:
-                    admitted, queue = queue[:free], queue[free:]
-                    new_kv = self._new_kv()
-                    for st in admitted:
-                        st.started = time.perf_counter()
-                        for d in self.drafters.values():
-                            d.start(st.view())
-                    self._step(admitted, new_kv, params, policy, prefill=True)
-                    kv.merge(new_kv)
-                    running += admitted
-                    running, kv = self._retire(running, kv, policy)
-                    continue  # the newly admitted requests take part in the next decode step
-                self._step(running, kv, params, policy, prefill=False)
-                running, kv = self._retire(running, kv, policy)
-                kv.maybe_compact(self.compact_holes_ratio)
+        """Run `requests` to completion with continuous batching (request i's random stream: seed, i)."""
+        session = self.session(policy)
+        states = [session.add(r if isinstance(r, RequestSpec) else RequestSpec(list(r)), params, index=i)
+                  for i, r in enumerate(requests)]
+        while session.step():
+            pass
         return [self._result(st) for st in states]
+
+    def session(self, policy: PolicyBase) -> "Session":
+        """A live batch under `policy` that requests can join and leave between steps (a server's engine)."""
+        return Session(self, policy)
+
+    def result(self, st: RequestState) -> GenerationResult:
+        return self._result(st)
 
     # -- internals ------------------------------------------------------------------------------------------
     def _new_kv(self) -> BatchKV:
@@ -191,7 +183,7 @@ class SpecEngine:
         if not params.greedy:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(params.seed * 1_000_003 + index)
-        st = RequestState(spec, index, params.max_new_tokens, gen)
+        st = RequestState(spec, index, params, gen)
         st.pending = list(spec.prompt)
         return st
 
@@ -237,16 +229,14 @@ class SpecEngine:
         names = [p.drafter if ks[i] > 0 else None for i, p in enumerate(plans)]
         return plans, names, drafts, peek_s + time.perf_counter() - t0
 
-    def _step(
-        self, states: list[RequestState], kv: BatchKV, params: SamplingParams, policy: PolicyBase, prefill: bool,
-    ) -> None:
+    def _step(self, states: list[RequestState], kv: BatchKV, policy: PolicyBase, prefill: bool) -> None:
         """One target forward for `states` (a prefill of new requests or a decode step of the running batch):
         plan and draft, forward, verify, commit."""
         # The KV cache holds everything but the pending tokens (which the next forward feeds).
         kv_lens = [len(st.spec.prompt) + len(st.output) - len(st.pending) for st in states]
         plans, names, drafts, draft_s = self._draft(states, kv_lens, policy, prefill)
         fwd = self._forward(states, drafts, kv)
-        verdict = self._verify(states, drafts, fwd, kv, params)
+        verdict = self._verify(states, drafts, fwd, kv)
         self._commit(states, kv_lens, plans, names, drafts, verdict, draft_s, prefill, policy)
 
     def _forward(self, states: Sequence[RequestState], drafts: Sequence[Draft], kv: BatchKV) -> Forward:
@@ -285,23 +275,25 @@ class SpecEngine:
         logits = out.logits[rows.to(device), inverse.to(device)]  # [B, K+1, V]
         return Forward(chunks, pend, dlen, width, logits, out, t0)
 
-    def _verify(self, states: Sequence[RequestState], drafts: Sequence[Draft], fwd: Forward, kv: BatchKV,
-                params: SamplingParams) -> Verdict:
-        """Greedy or exact rejection-sampling acceptance of each draft; the KV cache keeps what survived."""
+    def _verify(self, states: Sequence[RequestState], drafts: Sequence[Draft], fwd: Forward, kv: BatchKV) -> Verdict:
+        """Greedy or exact rejection-sampling acceptance of each draft, each request under its own sampling
+        parameters; the KV cache keeps what survived."""
         device = self.target.device
         B, K = len(states), int(fwd.dlen.max())
         draft_pad = torch.zeros(B, K, dtype=torch.long)  # [B, K]
         for i, d in enumerate(drafts):
             draft_pad[i, : len(d.tokens)] = torch.tensor(d.tokens, dtype=torch.long)
         draft_pad, dlen_dev = draft_pad.to(device), fwd.dlen.to(device)
-        if params.greedy:
+        if all(st.params.greedy for st in states):
             accepted, next_tok, _ = kernels.greedy_verify(draft_pad, dlen_dev, fwd.logits.argmax(dim=-1))
         else:
-            probs = target_probs(fwd.logits, params.temperature, params.top_p)  # [B, K+1, V]
+            probs = self._target_probs(states, fwd.logits)  # [B, K+1, V]
             q = self._draft_q(drafts, K, probs.shape[-1], device)
             u = torch.zeros(B, K)
             ru = torch.zeros(B)
             for i, st in enumerate(states):  # per-request streams: results do not depend on batching
+                if st.generator is None:
+                    continue  # greedy row: its one-hot target makes acceptance deterministic
                 draws = torch.rand(int(fwd.dlen[i]) + 1, generator=st.generator)
                 u[i, : int(fwd.dlen[i])] = draws[:-1]
                 ru[i] = draws[-1]
@@ -380,6 +372,23 @@ class SpecEngine:
                 break
         return n
 
+    @staticmethod
+    def _target_probs(states: Sequence[RequestState], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's target distribution [B, K+1, V] under its own (temperature, top-p); a greedy row's is
+        one-hot on the argmax, so exact rejection sampling accepts exactly what greedy verification would."""
+        probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, st in enumerate(states):
+            groups.setdefault((st.params.temperature, st.params.top_p), []).append(i)
+        for (temperature, top_p), rows in groups.items():
+            idx = torch.tensor(rows, device=logits.device)
+            if temperature == 0.0:
+                p = torch.zeros_like(probs[idx]).scatter_(-1, logits[idx].argmax(-1, keepdim=True), 1.0)
+            else:
+                p = target_probs(logits[idx], temperature, top_p)
+            probs[idx] = p
+        return probs
+
     def _draft_q(self, drafts: Sequence[Draft], K: int, vocab: int, device: torch.device) -> torch.Tensor | None:
         """Draft distributions [B, K, V]; point-mass rows become one-hot (None if every row is point-mass)."""
         if all(d.q is None for d in drafts) or K == 0:
@@ -413,3 +422,72 @@ class SpecEngine:
             records=st.records,
             wall_s=max(0.0, st.finished - st.started),
         )
+
+
+class Session:
+    """The live batch of one engine under one policy: requests join (`add`) and leave (finished, or `cancel`)
+    between steps, and each `step()` is one engine iteration -- a prefill of newly admitted requests (which
+    may already carry a draft) or a decode step of the running batch. `SpecEngine.generate` runs one to
+    completion; a server calls `step()` from its engine thread while requests come and go."""
+
+    def __init__(self, engine: SpecEngine, policy: PolicyBase) -> None:
+        self.engine, self.policy = engine, policy
+        self.queue: list[RequestState] = []
+        self.running: list[RequestState] = []
+        self.kv = engine._new_kv()
+        self._next_index = 0
+
+    def add(self, spec: RequestSpec, params: SamplingParams, index: int | None = None) -> RequestState:
+        """Queue a request (RequestError for an empty or too long prompt). `index` seeds its random stream
+        with `params.seed` (default: the order of arrival)."""
+        if index is None:
+            index = self._next_index
+        self._next_index = max(self._next_index, index + 1)
+        st = self.engine._new_state(index, spec, params)
+        self.queue.append(st)
+        return st
+
+    def cancel(self, request_id: str) -> RequestState | None:
+        """Stop a request: a queued one leaves at once, a running one at the end of the current step."""
+        for st in self.queue:
+            if st.request_id == request_id:
+                self.queue.remove(st)
+                st.finish_reason = "cancelled"
+                return st
+        for st in self.running:
+            if st.request_id == request_id and st.finish_reason is None:
+                st.finish_reason = "cancelled"
+                return st
+        return None
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.running
+
+    def step(self) -> bool:
+        """One engine iteration; False (and nothing done) when there is no request."""
+        e = self.engine
+        if self.idle:
+            return False
+        with torch.inference_mode():
+            for hook in e.between_steps:
+                hook()
+            self.running, self.kv = e._retire(self.running, self.kv, self.policy)  # cancelled since the last
+            free = e.batch_size - len(self.running)
+            if self.queue and free > 0:
+                admitted, self.queue = self.queue[:free], self.queue[free:]
+                new_kv = e._new_kv()
+                for st in admitted:
+                    st.started = time.perf_counter()
+                    for d in e.drafters.values():
+                        d.start(st.view())
+                e._step(admitted, new_kv, self.policy, prefill=True)
+                self.kv.merge(new_kv)
+                self.running += admitted
+                self.running, self.kv = e._retire(self.running, self.kv, self.policy)
+                return True  # the newly admitted requests take part in the next decode step
+            if self.running:
+                e._step(self.running, self.kv, self.policy, prefill=False)
+                self.running, self.kv = e._retire(self.running, self.kv, self.policy)
+                self.kv.maybe_compact(e.compact_holes_ratio)
+        return True
