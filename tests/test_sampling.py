@@ -109,7 +109,7 @@ def test_real_model_first_token_distribution(real_runtime, which):
     bound (mean + 4 sd) with probability < 1e-3; the seeds are fixed, so the outcome is deterministic.
     """
     target = real_runtime.target
-    prompt = target.encode("Colours: red, green, blue, red, green,", chat=False)  # short: 1200 prefills
+    prompt = target.encode("red green blue red green", chat=False)  # 5 tokens: 1200 prefills, a repeat to draft from
     with torch.no_grad():
         logits = target.model(torch.tensor([prompt])).logits[0, -1]
     p1 = target_probs(logits, T, TOP_P)
