@@ -266,7 +266,7 @@ def _attach_sidecar(rt, policy, registry, endpoint: Optional[Path], cache_dir: P
         ts = TransportSettings(run_dir=run_dir)
         try:
             sidecar = spawn_sidecar(ts, Path(cache_dir) / "serve" / "sidecar", head=drafter.head,
-                                    env={"OMP_NUM_THREADS": "1"})
+                                    env={"OMP_NUM_THREADS": "1"}, colocated=True)
         except SidecarError as exc:
             err.print(f"[yellow]warning:[/] the sidecar did not start ({str(exc).splitlines()[0]}); serving "
                       "without online learning")
@@ -365,8 +365,10 @@ def bench_drift_cmd(
     quick: bool = typer.Option(False, "--quick", help="Small stream (6 per phase, 32 tokens): replay <= 3 min, "
                                "--live --sidecar <= 5 min on a 2-core CPU."),
     live: bool = typer.Option(False, "--live", help="Run the reference engine end to end instead of replaying."),
-    sidecar: bool = typer.Option(False, "--sidecar", help="With --live: learn in a real sidecar process over "
-                                 "sockets (logs out, weights swapped in between steps) instead of in-process."),
+    sidecar: Optional[bool] = typer.Option(
+        None, "--sidecar/--in-process", help="Where the adaptive head learns. Live default: a real sidecar process "
+        "over sockets (logs out, weights swapped in between steps, at a bounded share of the cores); --in-process "
+        "trains inside the serving loop between steps (the replay's learner; live only for comparison)."),
     policy: list[str] = typer.Option([], "--policy", help="Policies to run (default: all)."),
     max_new_tokens: int = typer.Option(128, min=1),
     batch_size: int = typer.Option(4, min=1),
@@ -378,6 +380,9 @@ def bench_drift_cmd(
         "('gpu-small-model': this 135M target; 'gpu-large-target': an 8B-70B-class target, goodput ~ tau), or a "
         "JSON file {a, b, c, draft: {name: s/token}, draft_step: {batched drafter: s/position}}."),
     remeasure_costs: bool = typer.Option(False, help="Measure step costs again even if cached."),
+    profile: bool = typer.Option(False, "--profile", help="With --live: print milliseconds per decode step by "
+                                 "stage for every policy (plan, peek, draft, forward, accept, observe, feedback, "
+                                 "logging, weight swaps) and the sidecar's CPU share."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write everything as JSON here."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the rolling-tau plot (PNG) here."),
     model: Optional[str] = ModelOpt,
@@ -392,7 +397,7 @@ def bench_drift_cmd(
     from adaspec.core.drift.bench import DriftArgs, run_drift
     from adaspec.core.drift.plot import plot_drift
     from adaspec.core.drift.stream import default_phases, parse_phase
-    from adaspec.core.drift.table import print_drift
+    from adaspec.core.drift.table import print_drift, print_profile
     from adaspec.core.errors import RequestError
     from adaspec.core.target import load_target
 
@@ -401,6 +406,7 @@ def bench_drift_cmd(
     policy = [policy_registry.entry(p).name for p in policy]  # aliases -> the stable JSON names
     if sidecar and not live:
         raise RequestError("--sidecar needs --live (a replay has no server to swap weights into)")
+    sidecar = live if sidecar is None else sidecar
     phases = [parse_phase(p, per_phase) for p in phase] or default_phases(per_phase)
     s = _settings(config, model=model, cache_dir=cache_dir, temperature=0.0)
     target = load_target(s)
@@ -413,6 +419,8 @@ def bench_drift_cmd(
     with Progress(console=err, transient=True) as progress:
         result = run_drift(args, s, target, load_controller_settings(), progress)
     print_drift(result, out)
+    if profile:
+        print_profile(result, out)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1) + "\n")

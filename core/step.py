@@ -9,13 +9,17 @@ engines call hooks and never probe for them (as SGLang's `base_spec_worker.py` d
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
 import torch
 
 from adaspec.core.drafters.base import Draft, Drafter, DraftRequest
 from adaspec.core.errors import RequestError
+
+if TYPE_CHECKING:
+    from adaspec.core.engine.profile import StepProfile
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,12 @@ class StepRecord:
     confidence: list[float]  # [drafted] the drafter's own per-token confidences
     batch_size: int
     chunk_tokens: int  # tokens this request fed the forward (pending + drafted)
-    draft_s: float  # the batch's planning + drafting time
+    draft_s: float  # the batch's peek + drafting time
     verify_s: float  # the batch's verify forward time
     prefill: bool
+    #: The batch's step time outside drafting and verifying (planning, observe, feedback, logging, weight
+    #: swaps), as measured on the previous decode step: what a step costs on top of the cost model's forward.
+    overhead_s: float = 0.0
     #: Token ids behind the counts (what the sidecar trains on).
     draft_tokens: list[int] = field(default_factory=list)  # [drafted]
     emitted_tokens: list[int] = field(default_factory=list)  # [emitted]
@@ -112,7 +119,7 @@ class FixedPolicy(PolicyBase):
 
 def peek_drafts(
     policy: PolicyBase, drafters: Mapping[str, Drafter], rows: Sequence[PlanRequest],
-    requests: Sequence[DraftRequest], ks: Sequence[int],
+    requests: Sequence[DraftRequest], ks: Sequence[int], profile: "StepProfile | None" = None,
 ) -> dict[str, list[Draft]]:
     """Each drafter the policy peeks proposes up to ks[i] tokens for every row; the policy sees them
     (`policy.peeked`) before it plans. Returns the proposals by drafter, for `propose_chains` to reuse."""
@@ -123,16 +130,20 @@ def peek_drafts(
         drafter = drafters.get(name)
         if drafter is None:
             continue
+        t0 = time.perf_counter()
         drafts = [d.truncated(ks[i]) if len(d.tokens) > ks[i] else d
                   for i, d in enumerate(drafter.propose(requests, ks))]
         out[name] = drafts
         policy.peeked(name, rows, drafts)
+        if profile is not None:
+            profile.add(f"peek:{name}", time.perf_counter() - t0)
     return out
 
 
 def propose_chains(
     policy: PolicyBase, drafters: Mapping[str, Drafter], names: Sequence[str | None], ks: Sequence[int],
     requests: Sequence[DraftRequest], peeked: Mapping[str, list[Draft]] | None = None,
+    profile: "StepProfile | None" = None,
 ) -> list[Draft]:
     """The one draft/trim loop: each drafter proposes, batched, for the requests assigned to it (names[i],
     up to ks[i] tokens; none or k 0: an empty draft); the policy trims each proposal before verification.
@@ -146,10 +157,12 @@ def propose_chains(
         drafter = drafters.get(name)
         if drafter is None:
             raise RequestError(f"policy chose unknown drafter {name!r}")
+        t0 = time.perf_counter()
         if peeked and name in peeked:
             proposals = [peeked[name][i] for i in idx]
         else:
             proposals = drafter.propose([requests[i] for i in idx], [ks[i] for i in idx])
+        t1 = time.perf_counter()
         for i, d in zip(idx, proposals):
             if len(d.tokens) > ks[i]:
                 d = d.truncated(ks[i])
@@ -158,6 +171,9 @@ def propose_chains(
                 if n < len(d.tokens):
                     d = d.truncated(max(0, n))
             drafts[i] = d
+        if profile is not None:
+            profile.add(f"draft:{name}", t1 - t0)
+            profile.add("trim", time.perf_counter() - t1)
     return drafts
 
 

@@ -62,7 +62,7 @@ def serve(
     log_level: str = typer.Option("INFO", help="Python logging level."),
 ) -> None:
     """Run the sidecar in the foreground until SIGTERM/SIGINT."""
-    from adaspec.sidecar.service import SidecarService
+    from adaspec.sidecar.service import SidecarService, set_priority
     from adaspec.sidecar.settings import load_sidecar_settings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -72,6 +72,7 @@ def serve(
         import torch
 
         torch.set_num_threads(settings.threads)
+    applied = set_priority(settings.priority)
     svc = SidecarService(settings, transport)
 
     def _stop(signum, _frame) -> None:
@@ -83,7 +84,8 @@ def serve(
     if settings.parent_pid:
         _watch_parent(settings.parent_pid, svc.stop)
     logging.getLogger("adaspec.sidecar").info(
-        "ready: v%d, logs %s, admin %s", svc.serving_version, svc.puller.endpoint, svc.admin.endpoint
+        "ready: v%d, logs %s, admin %s, scheduling %s, cpu share %.2f cores", svc.serving_version,
+        svc.puller.endpoint, svc.admin.endpoint, applied, settings.cpu_share,
     )
     try:
         svc.run()

@@ -26,6 +26,11 @@ from adaspec.core.online.transport import Transport, TransportError
 from adaspec.core.online.wire import AdminReply
 
 
+#: Knobs of a sidecar that shares the servers' cores (`adaspec serve`, `demo`, `bench drift --live`): it trains
+#: only on cycles serving leaves idle and averages at most half a core. ADASPEC_SIDECAR_* set by the user win.
+COLOCATED: dict[str, Any] = {"priority": "idle", "cpu_share": 0.5}
+
+
 class SidecarError(AdaspecError):
     """A sidecar process could not be started or did not become ready."""
 
@@ -57,6 +62,15 @@ class SidecarProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system, all threads) the sidecar has used so far; None where /proc is absent."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
 
     def admin(self, command: str, timeout_ms: int = 10_000, **args: Any) -> AdminReply:
         """One admin request on a short-lived socket (TransportTimeout if the sidecar does not answer)."""
@@ -130,6 +144,7 @@ def spawn_sidecar(
     env: Mapping[str, str] | None = None,
     ready_timeout_s: float = 60.0,
     python: str = sys.executable,
+    colocated: bool = False,
 ) -> SidecarProcess:
     """Start a sidecar process on `transport` with its state in `state_dir` and wait until it is ready.
 
@@ -137,6 +152,8 @@ def spawn_sidecar(
         (otherwise the sidecar builds the base from the target model, ADASPEC_MODEL).
     settings: sidecar knobs by field name (`lr`, `gate_every`, ...) -> ADASPEC_SIDECAR_<NAME>.
     env: extra environment variables for the child (e.g. OMP_NUM_THREADS).
+    colocated: the sidecar shares this machine's cores with serving: `COLOCATED` scheduling and CPU share
+        (unless `settings` or the environment set them).
     """
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -148,6 +165,8 @@ def spawn_sidecar(
     child_env.update(transport_env(transport))
     child_env["ADASPEC_SIDECAR_STATE_DIR"] = str(state_dir)
     child_env["ADASPEC_SIDECAR_PARENT_PID"] = str(os.getpid())  # the child stops when we are gone
+    for key, value in (COLOCATED if colocated else {}).items():
+        child_env.setdefault(f"ADASPEC_SIDECAR_{key.upper()}", str(value))
     for key, value in (settings or {}).items():
         child_env[f"ADASPEC_SIDECAR_{key.upper()}"] = str(value)
     child_env.update(env or {})
@@ -158,7 +177,7 @@ def spawn_sidecar(
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
     spawn_args = dict(transport=transport, state_dir=state_dir, head=None, settings=dict(settings or {}),
-                      env=dict(env or {}), python=python)
+                      env=dict(env or {}), python=python, colocated=colocated)
     sidecar = SidecarProcess(proc, transport, state_dir, log_path, spawn_args)
     sidecar.wait_ready(ready_timeout_s)
     return sidecar

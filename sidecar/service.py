@@ -53,6 +53,40 @@ class _Publisher(WeightPublisher):
             self._latest[update.drafter] = update
 
 
+class CpuBudget:
+    """The sidecar's share of the machine: a token bucket of CPU seconds refilled at `share` cores and spent by
+    the whole process's CPU time (training, gating, sockets), holding at most two seconds' worth, so a
+    co-located sidecar averages at most `share` of a core and never bursts long enough to starve serving."""
+
+    def __init__(self, share: float, burst_s: float = 2.0) -> None:
+        self.share, self.cap = share, share * burst_s
+        self.tokens = self.cap
+        self._wall, self._cpu = time.monotonic(), time.process_time()
+
+    def available(self) -> bool:
+        wall, cpu = time.monotonic(), time.process_time()
+        self.tokens = min(self.cap, self.tokens + self.share * (wall - self._wall) - (cpu - self._cpu))
+        self._wall, self._cpu = wall, cpu
+        return self.tokens > 0.0
+
+
+def set_priority(priority: str) -> str:
+    """Apply the process's CPU scheduling ('idle': SCHED_IDLE where the OS has it, else nice 19); returns what
+    was applied."""
+    if priority != "idle":
+        return "normal"
+    import os
+
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except OSError:
+            pass
+    os.nice(19)
+    return "nice 19"
+
+
 def load_base(settings: SidecarSettings) -> HeadBase:
     """The configured head base; built from the target model on first start when the file is missing."""
     path = settings.resolved_base_path()
@@ -116,6 +150,7 @@ class SidecarService:
         self.last_checkpoint: str = ""
         self.started = time.time()
         self._budget = 0.0
+        self._cpu = CpuBudget(s.cpu_share)
         self._updates_at_gate = 0
         self._updates_at_ckpt = 0
         self._gate_counts: collections.Counter[str] = collections.Counter()
@@ -290,7 +325,8 @@ class SidecarService:
                 self._budget = min(self._budget + n * s.replay_ratio / s.batch_size, 4.0 * s.gate_every)
 
     def _train_ready(self) -> bool:
-        return not self.paused and self._budget >= 1.0 and len(self.buffer) >= self.settings.min_samples
+        return (not self.paused and self._budget >= 1.0 and len(self.buffer) >= self.settings.min_samples
+                and self._cpu.available())
 
     def train_step(self) -> dict[str, float]:
         batch = self.buffer.sample(self.settings.batch_size)

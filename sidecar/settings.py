@@ -8,7 +8,7 @@ the same values. Sample counts are training samples (one per logged target posit
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +45,16 @@ class SidecarSettings(BaseSettings):
     seed: int = Field(default=0, ge=0, description="Init seed of a head built from the model (same as the servers').")
     threads: int = Field(
         default=1, ge=0, le=1024, description="torch CPU threads for training (0 = torch default); keep serving cores free."
+    )
+    priority: Literal["normal", "idle"] = Field(
+        default="normal",
+        description="CPU scheduling of the process: 'idle' (Linux SCHED_IDLE, elsewhere nice 19) trains only on "
+        "cycles the servers leave free -- for a sidecar that shares their cores (serve, demo, bench drift --live).",
+    )
+    cpu_share: float = Field(
+        default=1.0, gt=0.0, le=1024.0,
+        description="Average CPU the sidecar may use, in cores (a token bucket over ~2 s; training waits while it "
+        "is spent): a co-located sidecar keeps it below one so serving keeps the rest of the machine.",
     )
 
     # -- replay buffer ------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import tempfile
@@ -81,3 +82,17 @@ def capture_entries(engine: SpecEngine) -> list[StepEntry]:
 def iter_chunks(items: list, n: int) -> Iterator[list]:
     for i in range(0, len(items), n):
         yield items[i: i + n]
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (from /proc): finds the sidecar a server or benchmark spawned."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().split(")")[-1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out

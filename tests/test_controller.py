@@ -413,6 +413,30 @@ def test_sglang_adaptive_slots_and_zero_step_probe():
     assert _sglang_k_trace(SGLangAdaptivePolicy("static"), 64, [5] * 40) == [0] * 40  # bs 64: never speculates
 
 
+def test_step_overhead_is_measured_online_and_priced():
+    """The per-step overhead engines report (planning, observe, logging: `overhead_s`) is learned online and
+    enters every step's time: a draft token that does not pay against the forward alone pays once the step is
+    known to cost more (the batch's tokens per second are lower, so a likely token is worth more of it)."""
+    cm = CostModel(verify_fixed_s=0.01, verify_token_s=0.012, verify_request_s=0.0, draft_token_s=0.0)
+    assert cm.overhead == 0.0
+    for step in range(1, 200):
+        cm.observe([dataclasses.replace(record(step, "r", None, 0, 0, []), overhead_s=0.05, verify_s=0.022)])
+    assert cm.overhead == pytest.approx(0.05, rel=0.01)
+    assert cm.expected_step_time([0]) == pytest.approx(cm.verify_time(1, 1) + 0.05)
+    frozen = CostModel(verify_fixed_s=0.01, verify_token_s=0.012, frozen=True)
+    frozen.observe([dataclasses.replace(record(1, "r", None, 0, 0, []), overhead_s=0.05)])
+    assert frozen.overhead == 0.0  # a replay decides from its start-up costs alone
+
+    def planned_k(overhead: float) -> int:
+        costs = CostModel(verify_fixed_s=0.01, verify_token_s=0.012, draft_token_s=0.0, frozen=True)
+        costs.overhead = overhead
+        pol = AtlasPolicy(["static"], ControllerSettings(explore_every=10**6), costs=costs)
+        return pol.plan([state("r")])[0].k
+
+    assert planned_k(0.0) == 0  # prior 0.5 < 0.012 / (0.01 + 0.012): no token pays against the forward alone
+    assert planned_k(0.05) > 0
+
+
 def test_oracle_picks_the_hindsight_best():
     table = {"a": 5, "b": 1}
     cheap = CostModel(verify_fixed_s=0.01, verify_token_s=1e-5, draft_token_s=1e-6)

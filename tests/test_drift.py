@@ -173,7 +173,7 @@ def test_real_model_replay_and_live_give_identical_tau(real_runtime, real_settin
                "holdout_fraction": 0.5}
     for name in ("static", "adaptive", "atlas"):
         runs = [run_policy(name, stream, prompts, traces, target, settings, ControllerSettings(), COSTS, 4, 2, 32,
-                           live=live, learner_kwargs=learner) for live in (False, True)]
+                           live=live, learner_kwargs=learner, online_costs=False) for live in (False, True)]
         replay, live = runs
         assert replay.outputs == live.outputs == [tr.output for tr in traces], name
         assert [o.tau for o in replay.outcomes] == [o.tau for o in live.outcomes], name

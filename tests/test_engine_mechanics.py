@@ -191,3 +191,22 @@ def test_policy_finish_hook_is_called_once_per_request(no_eos_target, prompts, r
     eng = SpecEngine(no_eos_target, [NoisyOracleDrafter(reference, VOCAB, seed=4)], batch_size=3)
     res = eng.generate(prompts, SamplingParams(max_new_tokens=9), pol)
     assert sorted(pol.finished) == sorted(r.request_id for r in res)
+
+
+def test_step_profile_accounts_for_each_stage(no_eos_target, prompts):
+    """The engine's per-stage profile: every decode step is counted, the stages a step runs are there (per
+    drafter), they sum to about the measured step wall time, and each record carries the step's overhead."""
+    engine = SpecEngine(no_eos_target, [PromptLookupDrafter()], batch_size=4)
+    res = engine.generate(prompts[:6], SamplingParams(max_new_tokens=12), FixedPolicy("prompt-lookup", 3))
+    prof = engine.profile.to_json()
+    decode_steps = len({r.step for x in res for r in x.records if not r.prefill})
+    assert prof["steps"] == decode_steps and prof["prefills"] >= 2
+    ms = prof["ms_per_step"]
+    for stage in ("plan", "draft:prompt-lookup", "forward", "accept", "commit", "observe:prompt-lookup",
+                  "feedback", "kv_compact", "prefill"):
+        assert stage in ms, stage
+    decode_ms = sum(v for k, v in ms.items() if k != "prefill")
+    assert 0.8 * prof["wall_ms_per_step"] <= decode_ms <= 1.05 * prof["wall_ms_per_step"]
+    assert prof["fed_tokens_per_step"] >= prof["batch_per_step"] >= 1.0
+    later = [r for x in res for r in x.records if not r.prefill and r.step > min(r.step for x in res for r in x.records) + 2]
+    assert later and all(r.overhead_s > 0.0 for r in later)

@@ -308,3 +308,45 @@ def test_aux_scale_is_folded_into_fc_on_export(target, tmp_path):
     aux = torch.randn(2, 5, head.fc.in_features) * 50
     assert torch.allclose(back.fuse(aux), head.fuse(aux), rtol=1e-4, atol=1e-3)
     assert check_export(tmp_path / "h") == []
+
+
+class _EveryThird(PolicyBase):
+    """static on every third step only (the rest: no draft), so backlogs of several steps build up."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def plan(self, requests):
+        self.n += 1
+        return [Plan("static", 3) if self.n % 3 == 0 else Plan(None, 0) for _ in requests]
+
+
+def test_static_backlog_drafts_what_an_eager_cache_drafts(target, trained):
+    """The static head folds committed positions into its cache lazily (one batched pass at the next propose):
+    the drafts, confidences and outputs equal those of a head that extends its cache on every observe
+    (max_backlog=0), and steps without a static draft run no head pass at all."""
+    prompts = prompts_for(3, seed=13)
+    params = SamplingParams(max_new_tokens=20)
+
+    def run(max_backlog: int):
+        d = Eagle3Drafter(trained, max_backlog=max_backlog)
+        in_observe, passes = [False], []
+        extend, observe = d.head.extend, d.observe
+        d.head.extend = lambda *a, **k: (passes.append(in_observe[0]), extend(*a, **k))[1]
+
+        def timed_observe(obs):
+            in_observe[0] = True
+            observe(obs)
+            in_observe[0] = False
+
+        d.observe = timed_observe
+        res = SpecEngine(target, [d], batch_size=3).generate(prompts, params, _EveryThird())
+        drafts = [(x.draft_tokens, [round(c, 4) for c in x.confidence]) for r in res for x in r.records]
+        return [r.output_tokens for r in res], drafts, sum(passes), len(passes)
+
+    lazy_out, lazy_drafts, lazy_observe_passes, lazy_passes = run(256)
+    eager_out, eager_drafts, eager_observe_passes, eager_passes = run(0)
+    assert lazy_out == eager_out
+    assert lazy_drafts == eager_drafts and any(t for t, _ in lazy_drafts)
+    assert lazy_observe_passes == 0 and eager_observe_passes > 6  # eager: a head pass at every step
+    assert lazy_passes < eager_passes

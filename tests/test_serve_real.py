@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from adaspec.core.bench.serve_load import print_report, rss_mb, run_load
+from sidecar_helpers import child_pids
 
 pytestmark = pytest.mark.model
 
@@ -32,18 +32,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().split(")")[-1].split()[1]) == pid:
-                        out.append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +53,7 @@ def server(tmp_path_factory):
         assert time.monotonic() < deadline, f"server not healthy: {log.read_text()[-2000:]}"
         time.sleep(0.5)
     yield url, proc, log
-    sidecars = [c for c in _children(proc.pid) if b"adaspec.sidecar" in open(f"/proc/{c}/cmdline", "rb").read()]
+    sidecars = [c for c in child_pids(proc.pid) if b"adaspec.sidecar" in open(f"/proc/{c}/cmdline", "rb").read()]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, log.read_text()[-2000:]
     for c in sidecars:  # the sidecar it started is stopped with it

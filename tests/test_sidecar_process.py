@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from sidecar_helpers import cleanup, short_dir
+from sidecar_helpers import child_pids, cleanup, short_dir
 
 PARENT = textwrap.dedent("""
     import sys, time
@@ -24,7 +24,8 @@ PARENT = textwrap.dedent("""
     root = Path(sys.argv[1])
     head = AdaptiveHead(AdaptiveConfig(hidden_size=8, vocab_size=50, inner_size=16), torch.randn(50, 8),
                         torch.randn(50, 8))
-    sc = spawn_sidecar(TransportSettings(run_dir=root / "run"), root / "state", head=head, ready_timeout_s=60)
+    sc = spawn_sidecar(TransportSettings(run_dir=root / "run"), root / "state", head=head, ready_timeout_s=60,
+                       colocated=True)
     print(sc.pid, flush=True)
     time.sleep(600)
 """)
@@ -51,6 +52,11 @@ def test_spawned_sidecar_dies_with_its_parent(sig):
         assert line.strip().isdigit(), f"parent did not start a sidecar (exit {parent.poll()})"
         child = int(line)
         assert _alive(child)
+        if sig == signal.SIGKILL:  # a co-located sidecar trains only on idle cycles, at a bounded share
+            with open(f"/proc/{child}/sched") as f:
+                policy = next(int(x.split(":")[1]) for x in f if x.startswith("policy"))
+            assert policy == getattr(os, "SCHED_IDLE", 5)
+            assert "scheduling SCHED_IDLE, cpu share 0.50 cores" in (root / "state" / "sidecar.log").read_text()
         parent.send_signal(sig)  # SIGKILL: no cleanup of the parent's runs at all
         parent.wait(10)
         deadline = time.monotonic() + 20
@@ -64,19 +70,6 @@ def test_spawned_sidecar_dies_with_its_parent(sig):
         cleanup(root)
 
 
-def _children(pid: int) -> list[int]:
-    """Direct children of `pid` (from /proc)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().split(")")[-1].split()[1]) == pid:
-                        out.append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
 
 @pytest.mark.model
 def test_killing_the_live_drift_benchmark_leaves_no_orphan_sidecar(data_dir):
@@ -88,7 +81,7 @@ def test_killing_the_live_drift_benchmark_leaves_no_orphan_sidecar(data_dir):
     try:
         deadline, sidecar = time.monotonic() + 120, None
         while sidecar is None and time.monotonic() < deadline and bench.poll() is None:
-            for c in _children(bench.pid):
+            for c in child_pids(bench.pid):
                 with open(f"/proc/{c}/cmdline", "rb") as f:
                     if b"adaspec.sidecar" in f.read():
                         sidecar = c

@@ -384,3 +384,40 @@ def test_settings_are_validated_with_env_names(monkeypatch):
     assert s.target_width() == 5
     assert all(info.description for info in SidecarSettings.model_fields.values())
     assert os.environ.get("ADASPEC_SIDECAR_GATE_K") is None
+
+
+def test_cpu_budget_holds_the_average_share():
+    """The token bucket lets the process use `share` of a core on average: busy work drains it, waiting
+    refills it at `share` per second, and it never banks more than two seconds' worth."""
+    import time
+
+    from adaspec.sidecar.service import CpuBudget
+
+    budget = CpuBudget(0.25)
+    assert budget.available() and budget.tokens <= 0.5 + 1e-6
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.7:  # 0.7 CPU-seconds: more than the 0.5 s bucket
+        pass
+    assert not budget.available()
+    time.sleep(1.0)  # +0.25 s of budget: back above zero only after the debt (~0.2 s) is repaid
+    assert budget.available()
+    assert budget.tokens <= 0.25 * 1.2
+
+
+def test_low_priority_applies_and_spawned_colocated_sidecars_use_it(tmp_path):
+    """'idle' scheduling is applied to the process (SCHED_IDLE on Linux); `spawn_sidecar(colocated=True)` asks
+    for it and for a bounded CPU share, unless the user's environment says otherwise."""
+    import subprocess
+    import sys
+
+    code = ("from adaspec.sidecar.service import set_priority; import os; print(set_priority('idle'), "
+            "os.sched_getscheduler(0) == getattr(os, 'SCHED_IDLE', -1) or os.nice(0) == 19)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] in ("SCHED_IDLE", "nice") and out[-1] == "True"
+    from adaspec.sidecar import process
+
+    assert process.COLOCATED["priority"] == "idle" and 0 < process.COLOCATED["cpu_share"] < 1
+    s = SidecarSettings(priority="idle", cpu_share=0.5, state_dir=tmp_path)
+    assert s.priority == "idle" and s.cpu_share == 0.5
+    with pytest.raises(ValueError):
+        SidecarSettings(priority="realtime", state_dir=tmp_path)

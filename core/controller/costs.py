@@ -41,6 +41,9 @@ class CostModel:
         frozen: bool = False,
         draft_step_costs: Mapping[str, float] | None = None,
     ) -> None:
+        #: Seconds a step costs beyond the forward and drafting (planning, observe, logging), an EMA of the
+        #: engines' `overhead_s`; the planner adds it to every step's time, so it prices tokens per real second.
+        self.overhead = 0.0
         # Work in units of the default step (batch 10, 100 tokens) so the prior has a scale-free meaning.
         self._ys = max(verify_fixed_s + verify_token_s * _TOK_SCALE + verify_request_s * _BATCH_SCALE, 1e-9)
         self._theta = [
@@ -77,6 +80,10 @@ class CostModel:
 
     def verify_time(self, tokens: float, batch: int) -> float:
         return self.a + self.b * tokens + self.c * batch
+
+    def step_time(self, tokens: float, batch: int) -> float:
+        """A whole step without drafting: the verify forward plus the measured per-step overhead."""
+        return self.verify_time(tokens, batch) + self.overhead
 
     def draft_cost(self, drafter: str | None) -> float:
         """Seconds per drafted token of `drafter` (0 for no drafter; a batched drafter's per-row part)."""
@@ -117,7 +124,7 @@ class CostModel:
                     draft += k * self.draft_cost(d)
                     depth[d] = max(depth.get(d, 0), k)
             draft += sum(self.draft_step_cost(d) * k for d, k in depth.items())
-        return self.verify_time(tokens, n) + draft
+        return self.step_time(tokens, n) + draft
 
     # -- learning -------------------------------------------------------------------------------------------------
     def observe(self, records: Iterable[StepRecord]) -> None:
@@ -136,6 +143,8 @@ class CostModel:
     def _observe_step(self, recs: list[StepRecord]) -> None:
         r0 = recs[0]
         self.steps_seen += 1
+        if not r0.prefill and r0.overhead_s > 0.0:
+            self.overhead += self.draft_alpha * (r0.overhead_s - self.overhead)
         if r0.prefill and not self.fit_prefill:
             pass
         else:

@@ -265,7 +265,7 @@ class AtlasPolicy(PolicyBase):
             pending += len(st.pending)
             rows.append(r)
 
-        base_t = cm.a + b * pending + cm.c * B
+        base_t = cm.a + cm.overhead + b * pending + cm.c * B
         decode = pending == B
         lam = self._lam_decode if (decode and self._lam_decode > 0.0) else B / base_t
         glob = self.glob

@@ -4,8 +4,9 @@ Replay (default): each prompt's greedy trace (tokens + the hidden states the hea
 and cached; each policy then runs the engine's own step loop over the traces (`TraceEngine`), with fresh
 drafters and online learning on, so its tau is exactly what it would get live. Live: the reference engine
 end to end (wall tokens/s too). Step costs are measured on this machine at start-up (cached per model);
-they price every policy's steps (modeled speedup vs `none`) and are the controller's frozen cost model, so
-live and replay decide identically.
+they price every policy's steps (modeled speedup vs `none`) and are the controller's cost model: frozen on
+replay (deterministic), the start of an online fit on a live run (which prices what the machine does now:
+the sidecar beside it, its own overheads).
 
 JSON keys (stable; tools read them): `policies.<name>.tau`, `policies.<name>.phases.<phase>.tau`,
 `policies.<name>.windows` (tau per consecutive `window`-request window), `controller_us_per_request_step`,
@@ -87,11 +88,17 @@ def run_drift(args: DriftArgs, settings: Settings, target: Target, controller: C
                                 learner_kwargs=args.learner, sidecar=args.sidecar)
         if progress:
             progress.advance(task)
-    return report(args, stream, labels, runs, costs, record_s)
+    repeat = None
+    if args.live and "none" in runs and len(runs) > 1:  # plain decoding again, last: the run-to-run noise
+        if progress:
+            progress.update(task, description="policy none (repeat: noise margin)")
+        repeat = run_policy("none", stream, prompts, traces, target, settings, controller, costs, args.k,
+                            args.batch_size, args.max_new_tokens, live=True, learn=False)
+    return report(args, stream, labels, runs, costs, record_s, repeat)
 
 
 def report(args: DriftArgs, stream, labels: list[str], runs: dict[str, PolicyRun], costs: StepCosts,
-           record_s: float) -> dict[str, Any]:
+           record_s: float, plain_repeat: PolicyRun | None = None) -> dict[str, Any]:
     base = None
     if "none" in runs:
         base = {p: sum(o.modeled_s for o in runs["none"].outcomes if o.phase == p) for p in labels}
@@ -107,6 +114,8 @@ def report(args: DriftArgs, stream, labels: list[str], runs: dict[str, PolicyRun
             policies[name]["learner"] = run.learner
         if run.sidecar is not None:
             policies[name]["sidecar"] = run.sidecar
+        if run.profile is not None:
+            policies[name]["profile"] = run.profile
         if run.controller_us is not None:
             policies[name]["controller_us_per_request_step_stream"] = run.controller_us
     ref = runs[next(iter(runs))].outputs
@@ -131,8 +140,65 @@ def report(args: DriftArgs, stream, labels: list[str], runs: dict[str, PolicyRun
         main = linked.get("atlas") or next(iter(linked.values()))
         out["sidecar"] = {"versions_applied": main["versions_applied"],
                           "logs_dropped": sum(v["logs_dropped"] for v in linked.values()), "per_policy": linked}
+    if plain_repeat is not None:
+        rep_phases = summarize(plain_repeat.outcomes, labels, args.window, base)["phases"]
+        policies["none"]["repeat_wall_tok_s"] = {p: rep_phases[p]["wall_tok_s"] for p in labels}
     out["acceptance"] = acceptance(out, labels)
+    if args.live:
+        wall = wall_acceptance(policies, labels)
+        if wall:
+            out["acceptance"]["wall"] = wall
     return out
+
+
+#: The wall-clock bar: ATLAS at least this fraction of plain decoding and of the best single drafter, per phase.
+WALL_BAR = 0.97
+
+
+def wall_acceptance(pol: dict[str, Any], labels: list[str]) -> dict[str, Any] | None:
+    """Live runs: ATLAS's wall tokens/s against plain decoding and the best single drafter, per phase and over
+    the stream, with the noise margin measured by running plain decoding twice (first and last); and whether
+    the modeled speedup agrees with the wall-clock one (the cost model is honest)."""
+    if "atlas" not in pol or "none" not in pol:
+        return None
+
+    def wall(name: str, p: str) -> float:
+        return pol[name]["phases"][p]["wall_tok_s"] or 0.0
+
+    def stream_wall(name: str, phase_tok_s=None) -> float:
+        t = sum(pol[name]["phases"][p]["tokens"] for p in labels)
+        s = sum(pol[name]["phases"][p]["tokens"] / max(1e-9, (phase_tok_s or {}).get(p) or wall(name, p))
+                for p in labels)
+        return t / s
+
+    repeat = pol["none"].get("repeat_wall_tok_s")
+    plain = {p: wall("none", p) for p in labels}
+    noise = 0.0
+    if repeat:
+        noise = max(abs(repeat[p] / max(1e-9, plain[p]) - 1.0) for p in labels)
+        plain = {p: (plain[p] + repeat[p]) / 2 for p in labels}  # the mean of the two runs
+    singles = [n for n in ("static", "suffix", "adaptive") if n in pol]
+    res: dict[str, Any] = {
+        "plain_noise": noise,
+        "atlas_vs_plain_per_phase": {p: wall("atlas", p) / max(1e-9, plain[p]) for p in labels},
+        "atlas_vs_plain_stream": stream_wall("atlas") / stream_wall("none", plain),
+        "atlas_wall_speedup": stream_wall("atlas") / stream_wall("none", plain),
+        "atlas_modeled_speedup": pol["atlas"]["modeled_speedup"],
+    }
+    res["modeled_over_wall"] = (res["atlas_modeled_speedup"] or 0.0) / max(1e-9, res["atlas_wall_speedup"])
+    if singles:
+        res["atlas_vs_best_single_per_phase"] = {p: wall("atlas", p) / max(1e-9, max(wall(n, p) for n in singles))
+                                                 for p in labels}
+        res["atlas_vs_best_single_stream"] = stream_wall("atlas") / max(stream_wall(n) for n in singles)
+    per_phase = list(res["atlas_vs_plain_per_phase"].values()) + list(
+        res.get("atlas_vs_best_single_per_phase", {}).values())
+    res["pass"] = {
+        "every_phase_ge_0.97x_plain_and_best_single": min(per_phase) >= WALL_BAR,
+        "every_phase_within_noise": min(per_phase) >= 1.0 - max(1.0 - WALL_BAR, noise),
+        "stream_ge_1.0x_best_single": res.get("atlas_vs_best_single_stream", 1.0) >= 1.0,
+        "modeled_within_10pct_of_wall": abs(res["modeled_over_wall"] - 1.0) <= 0.10,
+    }
+    return res
 
 
 def acceptance(out: dict[str, Any], labels: list[str]) -> dict[str, Any]:

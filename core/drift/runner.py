@@ -38,6 +38,7 @@ class PolicyRun:
     outputs: list[list[int]] = field(default_factory=list, repr=False)
     seconds: float = 0.0
     sidecar: dict[str, Any] | None = None
+    profile: dict[str, Any] | None = None  # live: the engine's per-stage step profile (`StepProfile.to_json`)
 
 
 class _StepClock:
@@ -60,9 +61,11 @@ def run_policy(
     name: str, stream: Sequence[StreamRequest], prompts: Sequence[Sequence[int]], traces: Sequence[Trace] | None,
     target: Any, settings: Settings, controller: ControllerSettings, costs: StepCosts, k: int,
     batch_size: int, max_new_tokens: int, live: bool = False, learn: bool = True,
-    learner_kwargs: dict[str, Any] | None = None, sidecar: bool = False,
+    learner_kwargs: dict[str, Any] | None = None, sidecar: bool = False, online_costs: bool | None = None,
 ) -> PolicyRun:
-    """Fresh drafters (nothing carries over between policies), the stream in order, continuous batching."""
+    """Fresh drafters (nothing carries over between policies), the stream in order, continuous batching.
+    online_costs (default: live): the controller's cost model keeps learning from the steps it times; off, it
+    decides from the start-up costs alone, as a replay does (so a live run can be compared with its replay)."""
     t_start = time.perf_counter()
     entry = policy_registry.entry(name)
     names = entry.drafters
@@ -83,7 +86,7 @@ def run_policy(
     if isinstance(engine, TraceEngine):
         engine.traces = trace_by_id
     oracle = TraceOracle(drafters, trace_by_id, controller.max_k) if entry.needs_oracle else None
-    policy = policy_registry.make_policy(name, k=k, settings=controller, costs=costs.cost_model(), oracle=oracle,
+    policy = policy_registry.make_policy(name, k=k, settings=controller, costs=costs.cost_model(frozen=not (live if online_costs is None else online_costs)), oracle=oracle,
                                          prepare=None if oracle is None else oracle.prepare)
     timed = TimedPolicy(policy)
     learner = None
@@ -126,6 +129,7 @@ def run_policy(
         outputs=[r.output_tokens for r in results],
         seconds=time.perf_counter() - t_start,
         sidecar=sidecar_info,
+        profile=engine.profile.to_json() if live else None,
     )
 
 
@@ -146,7 +150,7 @@ class _SidecarLink:
         try:
             self.process = spawn_sidecar(ts, self.tmp / "state", head=drafter.head,
                                          settings={"replay_ratio": LEARN_REPLAY_RATIO, **(knobs or {})},
-                                         env={"OMP_NUM_THREADS": "1"})
+                                         env={"OMP_NUM_THREADS": "1"}, colocated=True)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
@@ -157,12 +161,15 @@ class _SidecarLink:
             self.process.stop()
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
+        self.cpu0, self.wall0 = self.process.cpu_seconds(), time.perf_counter()
 
     def close(self) -> dict[str, Any]:
         try:
+            cpu, wall = self.process.cpu_seconds(), time.perf_counter() - self.wall0
             info = {"versions_applied": self.online.versions_applied(),
                     "logs_dropped": int(self.online.logs_dropped().get("batches", 0)),
-                    "sidecar_alive_at_end": self.process.alive()}
+                    "sidecar_alive_at_end": self.process.alive(),
+                    "cpu_s": None if cpu is None or self.cpu0 is None else cpu - self.cpu0, "wall_s": wall}
             self.online.close()
             self.process.stop()
             return info

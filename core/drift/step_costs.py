@@ -65,10 +65,11 @@ class StepCosts:
                     shares[i] += each
         return shares
 
-    def cost_model(self) -> CostModel:
-        """A frozen controller cost model with these values."""
+    def cost_model(self, frozen: bool = True) -> CostModel:
+        """A controller cost model starting from these values: frozen (a replay decides from them alone, so
+        it is deterministic) or learning online from the steps it times (a live run on a shared machine)."""
         return CostModel(verify_fixed_s=self.a, verify_token_s=self.b, verify_request_s=self.c,
-                         draft_costs=self.draft, frozen=True, draft_step_costs=self.draft_step)
+                         draft_costs=self.draft, frozen=frozen, draft_step_costs=self.draft_step)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -55,6 +55,20 @@ def print_drift(result: dict[str, Any], console: Console) -> None:
     if gp:
         console.print("on modeled speed: " + ", ".join(f"{k} {v:.3f}" for k, v in gp.items() if k != "pass"))
         console.print("checks (speed): " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in gp["pass"].items()))
+    wall = acc.get("wall")
+    if wall:
+        console.print(
+            "on the wall clock: ATLAS / plain per phase " + " ".join(f"{v:.2f}" for v in
+                                                            wall["atlas_vs_plain_per_phase"].values())
+            + (", / best single per phase " + " ".join(f"{v:.2f}" for v in
+                                                       wall["atlas_vs_best_single_per_phase"].values())
+               if "atlas_vs_best_single_per_phase" in wall else "")
+            + f"; stream {wall['atlas_vs_plain_stream']:.2f}x plain"
+            + (f", {wall['atlas_vs_best_single_stream']:.2f}x best single" if "atlas_vs_best_single_stream" in wall
+               else "")
+            + f"; plain decoding run twice differs by up to {wall['plain_noise']:.0%} in a phase; modeled speedup "
+            f"{wall['atlas_modeled_speedup']:.2f}x vs wall {wall['atlas_wall_speedup']:.2f}x")
+        console.print("checks (wall): " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in wall["pass"].items()))
     if "sidecar" in result:
         sc = result["sidecar"]
         console.print(f"sidecar: versions applied {sc['versions_applied']}, logs dropped {sc['logs_dropped']}")
@@ -96,3 +110,39 @@ def print_demo(result: dict[str, Any], console: Console) -> None:
                           f"between steps (logs dropped: {sc['logs_dropped']})")
     bad = [k for k, v in result["identical_outputs"].items() if not v]
     console.print("outputs identical to plain decoding: " + ("yes" if not bad else f"NO ({', '.join(bad)})"))
+
+
+def print_profile(result: dict[str, Any], console: Console) -> None:
+    """Live runs: milliseconds per decode step by stage, one column per policy (plain decoding's beside
+    ATLAS's: every overhead is a number), the measured step wall time, and the learner's share of the cores."""
+    pols = {n: p for n, p in result["policies"].items() if p.get("profile")}
+    if not pols:
+        return
+    stages: list[str] = []
+    for p in pols.values():
+        stages += [s for s in p["profile"]["ms_per_step"] if s not in stages]
+    order = {s: i for i, s in enumerate(stages)}
+    from adaspec.core.engine.profile import STAGE_ORDER
+
+    stages.sort(key=lambda s: (STAGE_ORDER.index(s.split(":")[0]) if s.split(":")[0] in STAGE_ORDER else 99,
+                               order[s]))
+    t = Table(title="per-step profile (live): ms per decode step")
+    t.add_column("stage")
+    for n in pols:
+        t.add_column(n, justify="right")
+    for s in stages:
+        t.add_row(s, *[f"{p['profile']['ms_per_step'].get(s, 0.0):.2f}" for p in pols.values()])
+    t.add_row("sum of stages", *[f"{sum(p['profile']['ms_per_step'].values()):.2f}" for p in pols.values()])
+    t.add_row("step wall (measured)", *[f"{p['profile']['wall_ms_per_step']:.2f}" for p in pols.values()])
+    t.add_row("decode steps", *[str(p["profile"]["steps"]) for p in pols.values()])
+    t.add_row("batch (requests per step)", *[f"{p['profile']['batch_per_step']:.2f}" for p in pols.values()])
+    t.add_row("tokens verified per step", *[f"{p['profile']['fed_tokens_per_step']:.2f}" for p in pols.values()])
+    learner = []
+    for p in pols.values():
+        sc = p.get("sidecar") or {}
+        if sc.get("cpu_s") is not None:
+            learner.append(f"{sc['cpu_s']:.1f} s ({sc['cpu_s'] / max(1e-9, sc['wall_s']):.0%})")
+        else:
+            learner.append("-")
+    t.add_row("sidecar CPU (share of a core)", *learner)
+    console.print(t)

@@ -21,6 +21,7 @@ import torch
 from adaspec import kernels
 from adaspec.core.drafters.base import Draft, Drafter, DraftRequest, Observation
 from adaspec.core.engine.kv import BatchKV
+from adaspec.core.engine.profile import StepProfile
 from adaspec.core.engine.sampling import SamplingParams, target_probs
 from adaspec.core.errors import RequestError
 from adaspec.core.step import Plan, PolicyBase, StepRecord, peek_drafts, propose_chains
@@ -137,6 +138,10 @@ class SpecEngine:
         self.between_steps: list = []
         #: Attach target hidden states of kept positions to StepRecord.features (for log sampling).
         self.record_features = False
+        #: Wall seconds per stage of every step (`adaspec bench drift --live --profile` prints it).
+        self.profile = StepProfile()
+        self._overhead_s = 0.0  # the last decode step's wall time outside draft and verify
+        self._step_draft_verify_s = 0.0
         layers: set[int] = set()
         for d in self.drafters.values():
             layers.update(d.hidden_layers)
@@ -215,19 +220,22 @@ class SpecEngine:
         (so the plan reads this step's actual draft confidence, and a plan that picks one of them reuses its
         proposal); then each planned drafter proposes, clipped to the budget and the context, and the policy
         trims. Returns (plans, drafter per request, drafts, peek + draft seconds: planning is not drafting)."""
+        prof = None if prefill else self.profile
         t0 = time.perf_counter()
         views = [st.view() for st in states]
         peeked: dict[str, list[Draft]] = {}
         if policy.peek and not prefill:
             ks = [self._clip_k(st, policy.peek_k, kv_lens[i]) for i, st in enumerate(states)]
-            peeked = peek_drafts(policy, self.drafters, states, views, ks)
-        peek_s = time.perf_counter() - t0
+            peeked = peek_drafts(policy, self.drafters, states, views, ks, prof)
+        t1 = time.perf_counter()
         plans = policy.plan(states)
-        t0 = time.perf_counter()
+        t2 = time.perf_counter()
         ks = [self._clip_k(st, p.k, kv_lens[i]) if p.drafter else 0 for i, (st, p) in enumerate(zip(states, plans))]
-        drafts = propose_chains(policy, self.drafters, [p.drafter for p in plans], ks, views, peeked)
+        drafts = propose_chains(policy, self.drafters, [p.drafter for p in plans], ks, views, peeked, prof)
         names = [p.drafter if ks[i] > 0 else None for i, p in enumerate(plans)]
-        return plans, names, drafts, peek_s + time.perf_counter() - t0
+        if prof is not None:
+            prof.add("plan", t2 - t1)
+        return plans, names, drafts, (t1 - t0) + time.perf_counter() - t2
 
     def _step(self, states: list[RequestState], kv: BatchKV, policy: PolicyBase, prefill: bool) -> None:
         """One target forward for `states` (a prefill of new requests or a decode step of the running batch):
@@ -235,8 +243,16 @@ class SpecEngine:
         # The KV cache holds everything but the pending tokens (which the next forward feeds).
         kv_lens = [len(st.spec.prompt) + len(st.output) - len(st.pending) for st in states]
         plans, names, drafts, draft_s = self._draft(states, kv_lens, policy, prefill)
+        t0 = time.perf_counter()
         fwd = self._forward(states, drafts, kv)
+        t1 = time.perf_counter()
         verdict = self._verify(states, drafts, fwd, kv)
+        if not prefill:
+            self.profile.add("forward", t1 - t0)
+            self.profile.add("accept", time.perf_counter() - t1)
+            self.profile.fed_tokens += sum(len(c) for c in fwd.chunks)
+            self.profile.rows += len(states)
+        self._step_draft_verify_s = draft_s + verdict.verify_s
         self._commit(states, kv_lens, plans, names, drafts, verdict, draft_s, prefill, policy)
 
     def _forward(self, states: Sequence[RequestState], drafts: Sequence[Draft], kv: BatchKV) -> Forward:
@@ -316,6 +332,7 @@ class SpecEngine:
         policy: PolicyBase,
     ) -> None:
         """Emit the verified tokens, record the step, and tell drafters, policy and listeners what happened."""
+        t_commit = time.perf_counter()
         B = len(states)
         observations = []
         records = []
@@ -330,7 +347,7 @@ class SpecEngine:
                 step=self.step_count, request_id=st.request_id, tenant=st.tenant, drafter=name,
                 k=plans[i].k, drafted=len(d.tokens), accepted=a, emitted=n_emitted,
                 confidence=list(d.confidence), batch_size=B, chunk_tokens=len(st.pending) + len(d.tokens),
-                draft_s=draft_s, verify_s=verdict.verify_s, prefill=prefill,
+                draft_s=draft_s, verify_s=verdict.verify_s, prefill=prefill, overhead_s=self._overhead_s,
                 draft_tokens=list(d.tokens), emitted_tokens=list(emitted[:n_emitted]),
                 weight_version=self.drafters[name].weight_version if name else 0,
             )
@@ -341,11 +358,27 @@ class SpecEngine:
             records.append(rec)
             observations.append(Observation(st.request_id, verdict.kept[i], h, nxt))
             st.pending = [nxt]
+        if not prefill:
+            self.profile.add("commit", time.perf_counter() - t_commit)
+        prof = None if prefill else self.profile
+        t0 = time.perf_counter()
         for drafter in self.drafters.values():
             drafter.observe(self._own_layers(drafter, observations))
+            if prof is not None:
+                t1 = time.perf_counter()
+                prof.add(f"observe:{drafter.name}", t1 - t0)
+                t0 = t1
         policy.feedback(records)
+        if prof is not None:
+            t1 = time.perf_counter()
+            prof.add("feedback", t1 - t0)
+            t0 = t1
         for listener in self.step_listeners:
             listener(records)
+            if prof is not None:
+                t1 = time.perf_counter()
+                prof.add(f"listeners:{_hook_name(listener)}", t1 - t0)
+                t0 = t1
 
     def _own_layers(self, drafter: Drafter, observations: list[Observation]) -> list[Observation]:
         """Observations carrying exactly the drafter's own `hidden_layers`, in its order (or no hidden)."""
@@ -469,9 +502,14 @@ class Session:
         e = self.engine
         if self.idle:
             return False
+        prof = e.profile
         with torch.inference_mode():
+            t_start = t0 = time.perf_counter()
             for hook in e.between_steps:
                 hook()
+                t1 = time.perf_counter()
+                prof.add(f"between_steps:{_hook_name(hook)}", t1 - t0)
+                t0 = t1
             self.running, self.kv = e._retire(self.running, self.kv, self.policy)  # cancelled since the last
             free = e.batch_size - len(self.running)
             if self.queue and free > 0:
@@ -485,9 +523,24 @@ class Session:
                 self.kv.merge(new_kv)
                 self.running += admitted
                 self.running, self.kv = e._retire(self.running, self.kv, self.policy)
+                prof.add("prefill", time.perf_counter() - t0)
+                prof.prefills += 1
                 return True  # the newly admitted requests take part in the next decode step
             if self.running:
+                prof.add("retire", time.perf_counter() - t0)
                 e._step(self.running, self.kv, self.policy, prefill=False)
+                t0 = time.perf_counter()
                 self.running, self.kv = e._retire(self.running, self.kv, self.policy)
                 self.kv.maybe_compact(e.compact_holes_ratio)
+                t1 = time.perf_counter()
+                prof.add("kv_compact", t1 - t0)
+                prof.steps += 1
+                prof.wall_s += t1 - t_start
+                e._overhead_s = max(0.0, t1 - t_start - e._step_draft_verify_s)
         return True
+
+
+def _hook_name(hook: object) -> str:
+    """A short label for a step hook in the profile (the bound method's owner class, or the callable's)."""
+    owner = getattr(hook, "__self__", hook)
+    return type(owner).__name__ if not isinstance(owner, type) else owner.__name__
