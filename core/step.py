@@ -105,6 +105,10 @@ class PolicyBase:
     def set_available(self, drafter: str, available: bool) -> None:
         """Allow or forbid a drafter from outside (the online-learned one while its sidecar is silent)."""
 
+    def set_padded_verify(self, padded: bool) -> None:
+        """The engine says how it verifies: right-padded chunks (a step costs batch x its widest chain, the
+        reference engine) or ragged (tokens summed, SGLang). Called when a batch starts."""
+
 
 class FixedPolicy(PolicyBase):
     """Always the same drafter and k (the baseline; k is clipped per request by the engine)."""

@@ -27,8 +27,10 @@ from adaspec.core.online.wire import AdminReply
 
 
 #: Knobs of a sidecar that shares the servers' cores (`adaspec serve`, `demo`, `bench drift --live`): it trains
-#: only on cycles serving leaves idle and averages at most half a core. ADASPEC_SIDECAR_* set by the user win.
-COLOCATED: dict[str, Any] = {"priority": "idle", "cpu_share": 0.5}
+#: only on cycles serving leaves idle and averages at most a quarter of a core (measured here: each 1% of a core
+#: the learner takes slows the target's forward by ~4%, its memory traffic shares the bandwidth the forward is
+#: bound by). ADASPEC_SIDECAR_* set by the user win.
+COLOCATED: dict[str, Any] = {"priority": "idle", "cpu_share": 0.25}
 
 
 class SidecarError(AdaspecError):

@@ -437,6 +437,27 @@ def test_step_overhead_is_measured_online_and_priced():
     assert planned_k(0.05) > 0
 
 
+def test_padded_verify_plans_the_batch_width():
+    """The reference engine right-pads chains, so one row's long chain costs every row: a likely chain that pays
+    for its own tokens (ragged, SGLang) does not pay for four rows' (padded), while four likely chains do."""
+
+    def plan(padded: bool, likely_rows: int) -> list[int]:
+        costs = CostModel(verify_fixed_s=0.05, verify_token_s=0.005, draft_token_s=0.0, frozen=True)
+        pol = AtlasPolicy(["static"], ControllerSettings(explore_every=10**6), costs=costs)
+        pol.set_padded_verify(padded)
+        states = [state(f"r{i}") for i in range(4)]
+        pol.plan(states)  # admits the requests
+        for i in range(4):
+            r = pol.requests[f"r{i}"]
+            r.cum[0], r.seen[0] = [0.95 if i < likely_rows else 0.05] * 6, pol.step + 1
+        return [p.k for p in pol.plan(states)]
+
+    assert plan(padded=False, likely_rows=1) == [6, 0, 0, 0]
+    assert plan(padded=True, likely_rows=1) == [0, 0, 0, 0]
+    ks = plan(padded=True, likely_rows=4)
+    assert len(set(ks)) == 1 and ks[0] > 0
+
+
 def test_oracle_picks_the_hindsight_best():
     table = {"a": 5, "b": 1}
     cheap = CostModel(verify_fixed_s=0.01, verify_token_s=1e-5, draft_token_s=1e-6)

@@ -17,7 +17,7 @@ from adaspec.core.drift.metrics import RequestOutcome, recovery, tau_of, windows
 from adaspec.core.drift.replay_engine import TraceEngine
 from adaspec.core.drift.stream import build_stream, parse_phase, PhaseSpec
 from adaspec.core.drift.traces import TraceStore
-from adaspec.core.engine.engine import RequestSpec, SpecEngine
+from adaspec.core.engine.engine import RequestSpec, RequestState, SpecEngine
 from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.errors import RequestError
@@ -25,8 +25,9 @@ from adaspec.core.errors import RequestError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 97
+#: Costs of the reference engine (padded verify, as measured costs are), so a replay models what runs live.
 COSTS = StepCosts(a=0.03, b=0.004, c=0.001, draft={"noisy-oracle": 1e-4, "suffix": 2e-5, "static": 3e-3,
-                                                     "adaptive": 2e-3})
+                                                     "adaptive": 2e-3}, padded=True)
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +91,44 @@ def test_checks_on_tau_and_on_modeled_speed_can_disagree():
 
 
 def test_verify_fit_recovers_linear_costs():
-    samples = [(t, b, 0.01 + 0.002 * t + 0.0005 * b) for t in (1, 4, 8, 16, 28) for b in (1, 4)]
-    a, b, c = _fit_verify(samples)
-    assert (a, b, c) == pytest.approx((0.01, 0.002, 0.0005), rel=1e-6)
+    samples = [(t, b, t > b, 0.01 + 0.002 * t + 0.0005 * b + (0.004 if t > b else 0.0))
+               for t in (1, 4, 8, 16, 28) for b in (1, 4)]
+    assert _fit_verify(samples) == pytest.approx((0.01, 0.002, 0.0005, 0.004), rel=1e-6)
+    plain_only = [(t, b, False, 0.01 + 0.002 * t + 0.0005 * b) for t in (1, 4, 8) for b in (1, 4)]
+    assert _fit_verify(plain_only) == pytest.approx((0.01, 0.002, 0.0005, 0.0), rel=1e-6, abs=1e-12)
+
+
+def test_speculative_step_cost_is_learned_online_and_priced():
+    """A forward that verifies any draft costs `s` more than its tokens say (measured here: the matmuls at more
+    than one row per request); the RLS finds it, and the width planner drafts only where a batch's expected
+    gain beats it."""
+    from adaspec.core.controller import AtlasPolicy, ControllerSettings, CostModel
+
+    import random
+
+    rng = random.Random(3)
+    cm = CostModel(verify_fixed_s=0.04, verify_token_s=0.001, verify_request_s=0.0)
+    for _ in range(2000):
+        B, w = rng.randint(1, 8), rng.randint(0, 3)  # w: draft tokens per row (padded width - 1)
+        cm.observe_verify(B * (1 + w), B, 0.04 + 0.001 * B * (1 + w) + 0.002 * B + (0.013 if w else 0.0), w > 0)
+    assert cm.s == pytest.approx(0.013, rel=0.1) and cm.b == pytest.approx(0.001, rel=0.15)
+
+    def ks(curve_value: float) -> list[int]:
+        costs = CostModel(verify_fixed_s=0.04, verify_token_s=0.001, verify_spec_s=0.013, draft_token_s=0.0,
+                          frozen=True, padded=True)
+        pol = AtlasPolicy(["suffix"], ControllerSettings(explore_every=10**6), costs=costs)
+        states = [RequestState(RequestSpec([1, 2, 3], f"r{i}"), i, SamplingParams(max_new_tokens=100), None)
+                  for i in range(4)]
+        for st in states:
+            st.pending = [3]
+        pol.plan(states)
+        for i in range(4):
+            r = pol.requests[f"r{i}"]
+            r.cum[0], r.seen[0] = [curve_value ** (j + 1) for j in range(6)], pol.step + 1
+        return [p.k for p in pol.plan(states)]
+
+    assert ks(0.2) == [0, 0, 0, 0]  # 4 x 0.2 expected tokens do not pay for a 13 ms speculative step
+    assert min(ks(0.9)) > 0
 
 
 def test_measure_costs_on_tiny_model(tiny):

@@ -1,7 +1,9 @@
 """Cost model: how long a step takes for a given batch of chains, learned online from StepRecords.
 
-Verify: one target forward over the whole chunk, t = a + b * tokens + c * batch (tokens = pending + drafted
-tokens over the batch). Fit by recursive least squares with forgetting, regularised toward the start-up
+Verify: one target forward over the whole chunk, t = a + b * tokens + c * batch + s * [any draft] (tokens =
+pending + drafted tokens over the batch, or batch x the widest chunk where the engine pads; s = what a
+forward that verifies anything costs over a plain decode step on top of its tokens: measured on this CPU at
+~13 ms on a ~47 ms step, from the matmuls' shapes at more than one row per request). Fit by recursive least squares with forgetting, regularised toward the start-up
 values (which count as `prior_weight` observations), in scaled units so the prior means the same thing on a
 GPU (ms) as on a CPU (tens of ms). A linear model is enough for the controller's question: what does one more
 verified token cost (b), against what does the step cost anyway (a + c * batch). When b dominates, verify is
@@ -22,6 +24,7 @@ from adaspec.core.step import StepRecord
 _TOK_SCALE = 100.0  # feature scaling: tokens / 100, batch / 10
 _BATCH_SCALE = 10.0
 _MIN_B = 1e-12  # a verified token never costs exactly nothing (keeps the planner's ratios finite)
+_MIN_CONTRAST = 8.0  # recent plain and speculative forwards each, before the speculation term is fitted
 
 
 class CostModel:
@@ -33,6 +36,7 @@ class CostModel:
         verify_token_s: float = 5e-5,
         verify_request_s: float = 0.0,
         draft_token_s: float = 2e-5,
+        verify_spec_s: float = 0.0,
         forgetting: float = 0.999,
         prior_weight: float = 2.0,
         draft_alpha: float = 0.1,
@@ -40,6 +44,7 @@ class CostModel:
         draft_costs: Mapping[str, float] | None = None,
         frozen: bool = False,
         draft_step_costs: Mapping[str, float] | None = None,
+        padded: bool = False,
     ) -> None:
         #: Seconds a step costs beyond the forward and drafting (planning, observe, logging), an EMA of the
         #: engines' `overhead_s`; the planner adds it to every step's time, so it prices tokens per real second.
@@ -50,10 +55,12 @@ class CostModel:
             verify_fixed_s / self._ys,
             verify_token_s * _TOK_SCALE / self._ys,
             verify_request_s * _BATCH_SCALE / self._ys,
+            verify_spec_s / self._ys,
         ]
         p0 = 1.0 / prior_weight
-        self._p0_trace = 3.0 * p0
-        self._P = [[p0, 0.0, 0.0], [0.0, p0, 0.0], [0.0, 0.0, p0]]
+        n = len(self._theta)
+        self._p0_trace = n * p0
+        self._P = [[p0 if i == j else 0.0 for j in range(n)] for i in range(n)]
         self.forgetting = forgetting
         self.default_draft = draft_token_s
         self.draft_alpha = draft_alpha
@@ -63,7 +70,12 @@ class CostModel:
         self.draft_step: dict[str, float] = dict(draft_step_costs or {})
         #: Frozen: keep the start-up values (benchmarks that must decide identically live and on replay).
         self.frozen = frozen
+        #: The verify forward runs right-padded chunks (the reference engine says so: `set_padded_verify`):
+        #: a step's tokens are batch x its widest chunk, so a row's longer chain costs every row.
+        self.padded = padded
         self.steps_seen = 0
+        #: Recent plain and speculative forwards (decayed like the fit): `s` is only identifiable from both.
+        self._n_plain = self._n_spec = 0.0
         self._refresh()
 
     # -- estimates ------------------------------------------------------------------------------------------------
@@ -72,18 +84,19 @@ class CostModel:
         self.a = max(0.0, t[0] * ys)
         self.b = max(_MIN_B, t[1] * ys / _TOK_SCALE)
         self.c = max(0.0, t[2] * ys / _BATCH_SCALE)
+        self.s = max(0.0, t[3] * ys)
 
     @property
     def coefficients(self) -> tuple[float, float, float]:
-        """(a, b, c) of t_verify = a + b * tokens + c * batch, clipped to be non-negative."""
+        """(a, b, c) of t_verify = a + b * tokens + c * batch (+ s when it verifies a draft), non-negative."""
         return self.a, self.b, self.c
 
-    def verify_time(self, tokens: float, batch: int) -> float:
-        return self.a + self.b * tokens + self.c * batch
+    def verify_time(self, tokens: float, batch: int, spec: bool = False) -> float:
+        return self.a + self.b * tokens + self.c * batch + (self.s if spec else 0.0)
 
-    def step_time(self, tokens: float, batch: int) -> float:
-        """A whole step without drafting: the verify forward plus the measured per-step overhead."""
-        return self.verify_time(tokens, batch) + self.overhead
+    def step_time(self, tokens: float, batch: int, spec: bool = False) -> float:
+        """A whole step: the verify forward plus the measured per-step overhead."""
+        return self.verify_time(tokens, batch, spec) + self.overhead
 
     def draft_cost(self, drafter: str | None) -> float:
         """Seconds per drafted token of `drafter` (0 for no drafter; a batched drafter's per-row part)."""
@@ -113,7 +126,11 @@ class CostModel:
         prompt at prefill); an int applies to every request.
         """
         n = len(ks)
-        tokens = float(sum(ks)) + (pending * n if isinstance(pending, int) else float(sum(pending)))
+        if self.padded:
+            pend = [pending] * n if isinstance(pending, int) else list(pending)
+            tokens = float(n * max((k + p for k, p in zip(ks, pend)), default=0))
+        else:
+            tokens = float(sum(ks)) + (pending * n if isinstance(pending, int) else float(sum(pending)))
         draft = 0.0
         if drafters is None:
             draft = self.default_draft * sum(ks)
@@ -124,7 +141,7 @@ class CostModel:
                     draft += k * self.draft_cost(d)
                     depth[d] = max(depth.get(d, 0), k)
             draft += sum(self.draft_step_cost(d) * k for d, k in depth.items())
-        return self.step_time(tokens, n) + draft
+        return self.step_time(tokens, n, any(ks)) + draft
 
     # -- learning -------------------------------------------------------------------------------------------------
     def observe(self, records: Iterable[StepRecord]) -> None:
@@ -149,9 +166,12 @@ class CostModel:
             pass
         else:
             tokens = 0
-            for r in recs:
-                tokens += r.chunk_tokens
-            self.observe_verify(tokens, r0.batch_size, r0.verify_s)
+            if self.padded:
+                tokens = len(recs) * max(r.chunk_tokens for r in recs)
+            else:
+                for r in recs:
+                    tokens += r.chunk_tokens
+            self.observe_verify(tokens, r0.batch_size, r0.verify_s, any(r.drafted for r in recs))
         per: dict[str, int] = {}
         for r in recs:
             if r.drafter is not None and r.drafted:
@@ -159,20 +179,26 @@ class CostModel:
         if per and not any(d in self.draft_step for d in per):  # batched drafters' step costs are given
             self.observe_draft(per, r0.draft_s)
 
-    def observe_verify(self, tokens: float, batch: int, seconds: float) -> None:
-        """One RLS step on (tokens, batch) -> seconds."""
-        x = (1.0, tokens / _TOK_SCALE, batch / _BATCH_SCALE)
-        y = seconds / self._ys
+    def observe_verify(self, tokens: float, batch: int, seconds: float, spec: bool = False) -> None:
+        """One RLS step on (tokens, batch, any draft verified) -> seconds. The speculation term is fitted only
+        once recent steps include enough of both kinds (otherwise it is the intercept under another name)."""
+        lam0 = self.forgetting
+        self._n_plain = self._n_plain * lam0 + (0.0 if spec else 1.0)
+        self._n_spec = self._n_spec * lam0 + (1.0 if spec else 0.0)
+        contrast = min(self._n_plain, self._n_spec) >= _MIN_CONTRAST
+        x = (1.0, tokens / _TOK_SCALE, batch / _BATCH_SCALE, 1.0 if spec and contrast else 0.0)
+        y = seconds / self._ys - (0.0 if contrast or not spec else self._theta[3])
         P, th, lam = self._P, self._theta, self.forgetting
-        px = [P[i][0] * x[0] + P[i][1] * x[1] + P[i][2] * x[2] for i in range(3)]
-        denom = lam + x[0] * px[0] + x[1] * px[1] + x[2] * px[2]
+        n = len(x)
+        px = [sum(P[i][j] * x[j] for j in range(n)) for i in range(n)]
+        denom = lam + sum(x[i] * px[i] for i in range(n))
         g = [v / denom for v in px]
-        err = y - (th[0] * x[0] + th[1] * x[1] + th[2] * x[2])
-        for i in range(3):
+        err = y - sum(th[i] * x[i] for i in range(n))
+        for i in range(n):
             th[i] += g[i] * err
         inv = 1.0 / lam
-        newP = [[(P[i][j] - g[i] * px[j]) * inv for j in range(3)] for i in range(3)]
-        trace = newP[0][0] + newP[1][1] + newP[2][2]
+        newP = [[(P[i][j] - g[i] * px[j]) * inv for j in range(n)] for i in range(n)]
+        trace = sum(newP[i][i] for i in range(n))
         if trace > self._p0_trace:  # no wind-up when the data stop exciting a direction
             s = self._p0_trace / trace
             newP = [[v * s for v in row] for row in newP]

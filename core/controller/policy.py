@@ -185,6 +185,10 @@ class AtlasPolicy(PolicyBase):
         if d is not None:
             self.available[d] = bool(available)
 
+    def set_padded_verify(self, padded: bool) -> None:
+        """The engine verifies right-padded chunks: plan the batch's width (every row pays the widest chain)."""
+        self.costs.padded = bool(padded)
+
     def _update_trust(self) -> None:
         """trusted = available and, for a guarded drafter, past its evidence and keeping up with the fallback."""
         s = self.settings
@@ -309,10 +313,20 @@ class AtlasPolicy(PolicyBase):
             lam = new
             if done:
                 break
+        if cm.padded and decode and pairs:
+            lam = self._plan_width(B, rows, cand, base_t, lam, choice_d, choice_k, curves)
+        elif cm.s > 0.0 and pairs and any(choice_k[:B]):
+            # A forward that verifies any draft costs s more: speculate this step only if the plan still wins.
+            if E / (T + cm.s) <= B / base_t:
+                for i in range(B):
+                    choice_d[i], choice_k[i], curves[i] = -1, 0, None
+                lam = B / base_t
+            else:
+                lam = E / (T + cm.s)
         self.lam = lam
         if decode:
             self._lam_decode = lam
-        if cm.draft_step and pairs:
+        if cm.draft_step and pairs and not cm.padded:
             self._fill_batched(B, rows, choice_d, choice_k, curves, lam)
 
         if s.explore_every and not capped:  # the hard cap means no drafting at all, exploration included
@@ -330,6 +344,70 @@ class AtlasPolicy(PolicyBase):
             else:
                 out.append(self._none)
         return out
+
+    def _plan_width(self, B: int, rows: list[_Req], cand: list[int], base_t: float, lam: float,
+                    choice_d: list[int], choice_k: list[int], curves: list) -> float:
+        """Right-padded verify (the reference engine): a step feeds every row as many tokens as its widest
+        chain, so a token's verify cost is not its own but the width's (and a speculative forward costs `s`
+        more than a plain one). Choose the width w (0..max_k) that
+        maximises the batch's expected emitted tokens per second; within it each row drafts, with the drafter
+        that gains most, while a token's survival beats its own draft cost (verifying it is already paid).
+        Returns the chosen plan's goodput."""
+        cm, step = self.costs, self.step
+        stale = step - self.settings.request_stale_steps
+        glob = self.glob
+        dcs = [(d, cm.amortised_draft_cost(self.names[d], B)) for d in cand]
+        # Per row and drafter: the curve and its cumulative gains g[k] = sum_{j<k} (C[j] - lam * dc), stopping at
+        # the first token that does not pay for its drafting (the planner never skips a position).
+        table = []
+        for r in rows:
+            pk = r.peek if r.peek_step == step else None
+            opts = []
+            for d, dc in dcs:
+                curve = pk[d] if pk is not None else None
+                if curve is None:
+                    curve = r.cum[d] if r.seen[d] >= stale else None
+                if curve is None:
+                    curve = r.tenant.cum[d] or glob[d]
+                t = lam * dc
+                gains, vals, g, v = [0.0], [0.0], 0.0, 0.0
+                for x in curve[: r.kcap]:
+                    if x <= t:
+                        break
+                    g += x - t
+                    v += x
+                    gains.append(g)
+                    vals.append(v)
+                opts.append((d, dc, curve, gains, vals))
+            table.append(opts)
+        best_ratio, best = B / base_t, None
+        for w in range(1, self.settings.max_k + 1):
+            E, T, W = float(B), base_t, 0
+            picks = []
+            for opts in table:
+                bg, pick = 0.0, None
+                for d, dc, curve, gains, vals in opts:
+                    k = w if w < len(gains) else len(gains) - 1
+                    if k and gains[k] > bg:
+                        bg, pick = gains[k], (d, k, curve, vals[k], dc)
+                picks.append(pick)
+                if pick is not None:
+                    E += pick[3]
+                    T += pick[4] * pick[1]
+                    if pick[1] > W:
+                        W = pick[1]
+            if W < w and best is not None and best[0] == W:
+                continue  # the same plan as a narrower width
+            T += cm.b * B * W + (cm.s if W else 0.0)
+            if E / T > best_ratio:
+                best_ratio, best = E / T, (W, picks)
+        for i in range(B):
+            pick = best[1][i] if best is not None else None
+            if pick is None:
+                choice_d[i], choice_k[i], curves[i] = -1, 0, None
+            else:
+                choice_d[i], choice_k[i], curves[i] = pick[0], pick[1], pick[2]
+        return best_ratio
 
     def _fill_batched(self, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int],
                       curves: list, lam: float) -> None:
@@ -356,10 +434,13 @@ class AtlasPolicy(PolicyBase):
 
     def _explore(self, step: int, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int]) -> None:
         """Each drafter unused for `explore_every` steps (a guarded one short of evidence: a quarter of that)
-        drafts `explore_k` tokens for `explore_fraction` of the batch (at least one request), on a deterministic
+        drafts `explore_k` tokens (padded verify: within the planned width, or one token) for `explore_fraction` of the batch (at least one request), on a deterministic
         rotation, so its calibration and curves keep learning."""
         s = self.settings
         n = max(1, int(B * s.explore_fraction))
+        explore_k = s.explore_k
+        if self.costs.padded:  # every row pays the widest chain: ride along within it, else probe one token
+            explore_k = max(1, min(explore_k, max(choice_k[:B], default=0)))
         for d in range(len(self.names)):
             if not self.available[d]:
                 continue
@@ -374,7 +455,7 @@ class AtlasPolicy(PolicyBase):
                 if r.kcap and not r.explore:
                     r.explore = True
                     choice_d[i] = d
-                    choice_k[i] = min(s.explore_k, r.kcap)
+                    choice_k[i] = min(explore_k, r.kcap)
                     left -= 1
                     if not left:
                         break

@@ -59,6 +59,9 @@ class TimedPolicy(PolicyBase):
     def set_available(self, drafter: str, available: bool) -> None:
         self.inner.set_available(drafter, available)
 
+    def set_padded_verify(self, padded: bool) -> None:
+        self.inner.set_padded_verify(padded)
+
     @property
     def us_per_request_step(self) -> float:
         return self.seconds / max(1, self.request_steps) * 1e6

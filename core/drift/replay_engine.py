@@ -47,11 +47,14 @@ class TraceEngine(SpecEngine):
         self,
         target,
         drafters: Mapping[str, Drafter] | Sequence[Drafter],
-        verify_time: Callable[[int, int], float],
+        verify_time: Callable[..., float],
         batch_size: int = 4,
+        padded_verify: bool = True,
     ) -> None:
         super().__init__(target, drafters, batch_size=batch_size)
         self.verify_time = verify_time
+        #: Model the reference engine's padded verify (measured costs) or a ragged one (a GPU profile, SGLang).
+        self.padded_verify = padded_verify
         self.traces: dict[str, Trace] = {}
 
     def generate(self, requests, params: SamplingParams, policy: PolicyBase):
@@ -78,7 +81,8 @@ class TraceEngine(SpecEngine):
     def _verify(self, states: Sequence[RequestState], drafts: Sequence[Draft], fwd: Forward,  # type: ignore[override]
                 kv) -> Verdict:
         """Accepted = the draft's prefix matching the recorded output; kept hidden rows from the trace."""
-        verify_s = self.verify_time(sum(len(c) for c in fwd.chunks), len(states))
+        tokens = len(states) * fwd.width if self.padded_verify else sum(len(c) for c in fwd.chunks)
+        verify_s = self.verify_time(tokens, len(states), bool(int(fwd.dlen.max()) > 0))
         accepted, next_tokens, kept, hidden = [], [], [], []
         for i, st in enumerate(states):
             trace = self.traces.get(st.request_id)

@@ -37,23 +37,31 @@ class StepCosts:
     source: str = "measured"
     #: Batched drafters (one forward per chain position for all rows): seconds per position per step.
     draft_step: dict[str, float] = field(default_factory=dict)
+    #: The verify forward runs right-padded chunks (the reference engine): a step's tokens are its batch times
+    #: its widest chunk, so one request's longer chain costs every row. False: ragged (SGLang), tokens summed.
+    padded: bool = False
+    #: What a forward that verifies any draft costs on top of its tokens (matmul shapes past one row per request).
+    spec: float = 0.0
 
-    def verify_time(self, tokens: int, batch: int) -> float:
-        return self.a + self.b * tokens + self.c * batch
+    def verify_time(self, tokens: int, batch: int, spec: bool = False) -> float:
+        return self.a + self.b * tokens + self.c * batch + (self.spec if spec else 0.0)
 
     def draft_cost(self, drafter: str | None) -> float:
         return self.draft.get(drafter, 0.0) if drafter else 0.0
 
-    def record_time(self, rec: StepRecord) -> float:
-        """This request's share of its step without batched draft steps: the fixed cost split evenly, the rest
-        its own (`step_shares` adds those)."""
-        return (self.a / rec.batch_size + self.b * rec.chunk_tokens + self.c
+    def record_time(self, rec: StepRecord, width: int | None = None, spec: bool = False) -> float:
+        """This request's share of its step without batched draft steps: the fixed costs split evenly, the rest
+        its own (`step_shares` adds those); padded, each row costs the step's widest chunk (`width`)."""
+        tokens = width if self.padded and width is not None else rec.chunk_tokens
+        return ((self.a + (self.spec if spec else 0.0)) / rec.batch_size + self.b * tokens + self.c
                 + rec.drafted * self.draft_cost(rec.drafter))
 
     def step_shares(self, records: Sequence[StepRecord]) -> list[float]:
         """Each request's share of one step's modeled time: `record_time`, plus each batched drafter's steps
         (as deep as the longest chain asked of it) split evenly among the requests that used it."""
-        shares = [self.record_time(r) for r in records]
+        width = max((r.chunk_tokens for r in records), default=0)
+        spec = any(r.drafted for r in records)
+        shares = [self.record_time(r, width, spec) for r in records]
         if self.draft_step:
             users: dict[str, list[int]] = {}
             for i, r in enumerate(records):
@@ -69,7 +77,8 @@ class StepCosts:
         """A controller cost model starting from these values: frozen (a replay decides from them alone, so
         it is deterministic) or learning online from the steps it times (a live run on a shared machine)."""
         return CostModel(verify_fixed_s=self.a, verify_token_s=self.b, verify_request_s=self.c,
-                         draft_costs=self.draft, frozen=frozen, draft_step_costs=self.draft_step)
+                         verify_spec_s=self.spec, draft_costs=self.draft, frozen=frozen,
+                         draft_step_costs=self.draft_step, padded=self.padded)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +86,8 @@ class StepCosts:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "StepCosts":
         return cls(float(d["a"]), float(d["b"]), float(d["c"]), {k: float(v) for k, v in d.get("draft", {}).items()},
-                   str(d.get("source", "file")), {k: float(v) for k, v in d.get("draft_step", {}).items()})
+                   str(d.get("source", "file")), {k: float(v) for k, v in d.get("draft_step", {}).items()},
+                   bool(d.get("padded", False)), float(d.get("spec", 0.0)))
 
 
 class _TimedDrafter(DrafterBase):
@@ -105,15 +115,18 @@ class _TimedDrafter(DrafterBase):
         self.observe_s += time.perf_counter() - t0
 
 
-def _fit_verify(samples: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:
-    """Least squares of seconds on (1, tokens, batch), clipped to non-negative coefficients."""
-    X = torch.tensor([[1.0, t, b] for t, b, _ in samples], dtype=torch.float64)
-    y = torch.tensor([s for _, _, s in samples], dtype=torch.float64)
+def _fit_verify(samples: Sequence[tuple[int, int, bool, float]]) -> tuple[float, float, float, float]:
+    """Least squares of seconds on (1, tokens, batch, any draft), clipped to non-negative coefficients."""
+    X = torch.tensor([[1.0, t, b, float(sp)] for t, b, sp, _ in samples], dtype=torch.float64)
+    y = torch.tensor([s for *_, s in samples], dtype=torch.float64)
+    if not bool(X[:, 3].any()) or bool(X[:, 3].all()):
+        X = X[:, :3]  # no contrast between plain and speculative steps: no speculation term
     coef = torch.linalg.lstsq(X, y.unsqueeze(1)).solution[:, 0].clamp(min=0.0).tolist()
     if coef[1] <= 0.0:  # degenerate design: fall back to a two-parameter fit on tokens
         X2 = X[:, :2]
         coef = torch.linalg.lstsq(X2, y.unsqueeze(1)).solution[:, 0].clamp(min=0.0).tolist() + [0.0]
-    return coef[0], max(coef[1], 1e-9), coef[2]
+    coef += [0.0] * (4 - len(coef))
+    return coef[0], max(coef[1], 1e-9), coef[2], coef[3]
 
 
 def measure_costs(
@@ -122,7 +135,7 @@ def measure_costs(
 ) -> StepCosts:
     """Run the live engine briefly and fit `StepCosts` (decode steps only; prefill is priced the same way)."""
     params = SamplingParams(max_new_tokens=new_tokens)
-    samples: list[tuple[int, int, float]] = []
+    samples: list[tuple[int, int, bool, float]] = []
     draft: dict[str, float] = {}
 
     def verify_samples(records: Sequence[StepRecord]) -> None:
@@ -130,8 +143,9 @@ def measure_costs(
         for r in records:
             if not r.prefill:
                 by_step.setdefault(r.step, []).append(r)
-        for recs in by_step.values():
-            samples.append((sum(r.chunk_tokens for r in recs), recs[0].batch_size, recs[0].verify_s))
+        for recs in by_step.values():  # the engine pads: a forward runs batch x its widest chunk
+            samples.append((len(recs) * max(r.chunk_tokens for r in recs), recs[0].batch_size,
+                            any(r.drafted for r in recs), recs[0].verify_s))
 
     warm = SpecEngine(target, {}, batch_size=2)
     warm.generate([RequestSpec(list(prompts[0]), "warm")], SamplingParams(max_new_tokens=4), FixedPolicy(None, 0))
@@ -156,8 +170,8 @@ def measure_costs(
             steps = {r.step: r.draft_s for r in recs if r.drafted}
             drafted = sum(r.drafted for r in recs)
             draft[name] = (sum(steps.values()) + timed.observe_s) / max(1, drafted)
-    a, b, c = _fit_verify(samples)
-    return StepCosts(a, b, c, draft, "measured")
+    a, b, c, spec = _fit_verify(samples)
+    return StepCosts(a, b, c, draft, "measured", padded=True, spec=spec)
 
 
 #: Named cost profiles for regimes this machine cannot measure. `gpu-small-model` is an *assumption*, not a

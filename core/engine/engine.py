@@ -117,6 +117,9 @@ class Verdict:
 class SpecEngine:
     """Batched speculative decoding over one target model with a set of named drafters."""
 
+    #: Chains of different lengths are right-padded into one chunk: a step costs batch x its widest chain.
+    padded_verify = True
+
     def __init__(
         self,
         target: Target,
@@ -465,6 +468,7 @@ class Session:
 
     def __init__(self, engine: SpecEngine, policy: PolicyBase) -> None:
         self.engine, self.policy = engine, policy
+        policy.set_padded_verify(engine.padded_verify)
         self.queue: list[RequestState] = []
         self.running: list[RequestState] = []
         self.kv = engine._new_kv()
