@@ -426,6 +426,11 @@ def bench_drift_cmd(
         json_path.write_text(json.dumps(result, indent=1) + "\n")
     if plot_path:
         plot_drift(result, plot_path, width=max(2, window // 2))
+    dead = [n for n, p in result["policies"].items() if (p.get("sidecar") or {}).get("sidecar_alive_at_end") is False]
+    if dead:  # D24: a run whose learner died mid-way measured something else than it says
+        err.print(f"[red]the sidecar died during the run of {', '.join(dead)}[/] (logs dropped: "
+                  f"{sum(result['policies'][n]['sidecar']['logs_dropped'] for n in dead)})")
+        raise typer.Exit(1)
     if not all(result["identical_outputs"].values()):
         err.print("[red]a policy changed the greedy output[/]")
         raise typer.Exit(1)

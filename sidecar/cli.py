@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 
 from adaspec.core.config import load, settings_rows
-from adaspec.core.console import out, run_cli
+from adaspec.core.console import err, out, run_cli
 from adaspec.core.errors import AdaspecError, ConfigError
 
 app = typer.Typer(
@@ -91,6 +91,9 @@ def serve(
         svc.run()
     finally:
         svc.close()
+    if svc.final_checkpoint_failed:  # what was learned since the last checkpoint is lost: not a clean exit
+        err.print("error: the final checkpoint failed (see the log); updates since the last one are lost")
+        raise typer.Exit(1)
 
 
 def _watch_parent(parent_pid: int, stop, period_s: float = 0.5) -> None:

@@ -32,6 +32,11 @@ FEATURES_NONFINITE = "features_nonfinite"
 TOKEN_RANGE = "token_range"
 
 
+#: A seq jump larger than this is a server restart (or a hostile peer), not lost batches: the lost-batch
+#: counters stay bounded whatever `seq` a peer sends (they are summed into admin `status`).
+MAX_SEQ_GAP = 1 << 20
+
+
 @dataclass
 class Samples:
     """Training samples of one tenant: hidden [N, d] (float32), tokens [N], targets [N, width] (IGNORE = none)."""
@@ -106,10 +111,18 @@ class StreamAssembler:
         return h < self.holdout_fraction
 
     # -- internals ------------------------------------------------------------------------------------------
+    def forget_server(self, server: str) -> None:
+        """Drop everything kept for `server` (its open streams close; a later batch starts it afresh)."""
+        for key in [k for k in self.streams if k[0] == server]:
+            self._close(key)
+        self.last_seq.pop(server, None)
+        self.gaps.pop(server, None)
+        self.restarts.pop(server, None)
+
     def _check_seq(self, server: str, seq: int) -> None:
         last = self.last_seq.get(server)
         if last is not None and seq != last + 1:
-            if seq > last + 1:
+            if last + 1 < seq <= last + 1 + MAX_SEQ_GAP:
                 self.gaps[server] += seq - last - 1
             else:
                 self.restarts[server] += 1

@@ -93,6 +93,9 @@ class ServedStats:
             tv.emitted += e.emitted
             self.servers[server_id] = (v, time.time())
 
+    def forget_server(self, server_id: str) -> None:
+        self.servers.pop(server_id, None)
+
     def acceptance(self, version: int) -> tuple[float, int]:
         """(acceptance over the window, drafted tokens in it) of a version; (0.0, 0) if never served."""
         vs = self.versions.get(version)

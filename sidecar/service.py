@@ -27,7 +27,7 @@ from torch import Tensor
 
 from adaspec.core.errors import ConfigError
 from adaspec.core.metrics import per_registry
-from adaspec.core.online.transport import Transport, WeightPublisher
+from adaspec.core.online.transport import Transport, WeightPublisher, private_dir
 from adaspec.core.online.settings import TransportSettings
 from adaspec.core.online.weights import copy_into
 from adaspec.core.online.wire import AdminReply, AdminRequest, LogBatch, WeightUpdate
@@ -96,14 +96,16 @@ def load_base(settings: SidecarSettings) -> HeadBase:
     return read_base(path)
 
 
-def _lock_state_dir(state_dir: Path):
-    """An exclusive lock on <state_dir>/.lock for this process's lifetime: two sidecars never share state."""
-    f = open(state_dir / ".lock", "a+")
+def _lock_state_dir(state_dir: Path, name: str = ".lock", what: str = "is running on"):
+    """An exclusive lock on <state_dir>/<name> for this process's lifetime: two sidecars never share state
+    (or, with name `sidecar.lock` in the IPC run dir, endpoints: binding an IPC path replaces the socket
+    file, so a second sidecar would silently take the first one's traffic)."""
+    f = open(state_dir / name, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise ConfigError(f"another sidecar is running on {state_dir} (it holds {state_dir / '.lock'})") from None
+        raise ConfigError(f"another sidecar {what} {state_dir} (it holds {state_dir / name})") from None
     return f
 
 
@@ -156,9 +158,11 @@ class SidecarService:
         self._gate_counts: collections.Counter[str] = collections.Counter()
         self._seen_rejects: dict[tuple[str, str], int] = {}
         self._seen_gaps: dict[str, int] = {}
+        self._servers: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recently heard first
         self._last_gauges = 0.0
         self._labeled_tenants: set[str] = set()
         self._stop = threading.Event()
+        self.final_checkpoint_failed = False
         self.resume()
 
         own = not isinstance(transport, Transport)
@@ -166,7 +170,13 @@ class SidecarService:
         self._own_transport = own
         ts = self.transport.settings
         self.puller = self.admin = self.publisher = None
+        self._run_locks: list = []
         try:
+            ipc_dirs = {Path(ts.endpoint(ch)[len("ipc://"):]).parent for ch in ("logs", "weights", "sync", "admin")
+                        if ts.endpoint(ch).startswith("ipc://")}
+            for d in sorted(ipc_dirs):  # before any bind: a second sidecar refuses instead of stealing endpoints
+                private_dir(d)
+                self._run_locks.append(_lock_state_dir(d, "sidecar.lock", "serves the IPC endpoints in"))
             self.puller = self.transport.log_puller()
             self.publisher = _Publisher(self.transport.ctx, ts.endpoint("weights"), ts.endpoint("sync"),
                                         self.transport.keys, ts.weights_hwm, self.transport.limits)
@@ -281,6 +291,7 @@ class SidecarService:
                     self.checkpoint()
                 except Exception:
                     log.exception("final checkpoint failed")
+                    self.final_checkpoint_failed = True  # D15: the exit code says so
 
     def stop(self) -> None:
         self._stop.set()
@@ -308,10 +319,26 @@ class SidecarService:
     def ingest(self, batch: LogBatch) -> None:
         """One decoded batch: served-acceptance stats, then training/held-out samples."""
         server = batch.server_id
+        self._servers[server] = None
+        self._servers.move_to_end(server)
+        while len(self._servers) > self.settings.max_servers:
+            self._forget_server(next(iter(self._servers)))
         self.metrics.batches.labels(server).inc()
         self.metrics.entries.labels(server).inc(len(batch.entries))
         self.served.add(server, batch.entries)
         self._add_samples(self.assembler.add_batch(batch))
+
+    def _forget_server(self, server: str) -> None:
+        """The least recently heard server beyond `max_servers`: its state and its metric series go."""
+        self._servers.pop(server, None)
+        self.assembler.forget_server(server)
+        self.served.forget_server(server)
+        self._seen_gaps.pop(server, None)
+        for metric in (self.metrics.batches, self.metrics.entries, self.metrics.batches_lost):
+            try:
+                metric.remove(server)
+            except KeyError:
+                pass
 
     def _add_samples(self, groups: list[Samples]) -> None:
         s = self.settings
@@ -469,4 +496,6 @@ class SidecarService:
             self.http.server_close()
         if getattr(self, "_own_transport", False):
             self.transport.close()
+        for lock in getattr(self, "_run_locks", []):
+            lock.close()  # releases the IPC endpoints
         self._lock_file.close()  # releases the state dir

@@ -80,6 +80,11 @@ class SidecarSettings(BaseSettings):
     holdout_capacity: int = Field(
         default=2048, ge=16, le=10_000_000, description="Held-out samples kept per tenant (most recent)."
     )
+    max_servers: int = Field(
+        default=256, ge=1, le=1_000_000,
+        description="Servers whose per-server state (seq, lost batches, last version) and metric series are kept; "
+        "beyond, the least recently heard one is forgotten (a peer inventing server ids cannot grow memory or /metrics).",
+    )
     max_streams: int = Field(
         default=4096, ge=1, le=10_000_000,
         description="Requests whose log entries are being stitched into streams at once (LRU beyond).",

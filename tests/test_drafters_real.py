@@ -31,7 +31,7 @@ ADAPTIVE_LR, ADAPTIVE_DECAY, ADAPTIVE_EPOCHS = 1e-3, 0.8, 14
 
 
 def replay_tau(target, drafter, name, prompts, traces, k, new_tokens=NEW_TOKENS, batch_size=4):
-    engine = TraceEngine(target, {name: drafter}, lambda t, b: 0.0, batch_size)
+    engine = TraceEngine(target, {name: drafter}, lambda *_: 0.0, batch_size)
     specs = [RequestSpec(list(p), f"q{i}") for i, p in enumerate(prompts)]
     engine.traces = {s.request_id: tr for s, tr in zip(specs, traces)}
     res = engine.generate(specs, SamplingParams(max_new_tokens=new_tokens), FixedPolicy(name, k))

@@ -16,7 +16,7 @@ from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads.adaptive import AdaptiveHead
 from adaspec.core.online.attach import OnlineAdaptive
 from adaspec.core.online.transport import Transport
-from adaspec.core.online.wire import LogBatch, StepEntry
+from adaspec.core.online.wire import AdminRequest, LogBatch, StepEntry
 from adaspec.core.heads.adaptive_base import write_base
 from adaspec.sidecar.service import SidecarService
 from adaspec.sidecar.settings import SidecarSettings
@@ -354,3 +354,57 @@ def test_resume_skips_a_damaged_version_file_and_never_reuses_its_number(target,
         assert again.publish(w, "gate") == 3
     finally:
         again.close()
+
+
+def test_a_second_sidecar_on_the_same_run_dir_refuses_instead_of_stealing_endpoints(target, root):
+    """D9: binding an IPC path replaces the socket file, so a second sidecar on the same run dir used to take
+    every endpoint silently; now it refuses with a clear error and the first keeps serving."""
+    from adaspec.core.errors import ConfigError
+
+    first = _svc(root, target)
+    try:
+        other = dict(state_dir=root / "state2")
+        with pytest.raises(ConfigError, match="serves the IPC endpoints"):
+            SidecarService(_settings(root, **other), transport_settings(root))
+        reply = first.handle_admin(AdminRequest(command="status"))
+        assert reply.ok
+    finally:
+        first.close()
+    second = SidecarService(_settings(root, state_dir=root / "state2"), transport_settings(root))
+    second.close()  # once the first is gone, the run dir is free
+
+
+def test_per_server_state_and_metric_series_stay_bounded(target, root):
+    """D7: a peer inventing server ids (1e5 of them once cost +405 MB and a 232 MB /metrics) now moves an LRU
+    of `max_servers`: the least recently heard server's state and series go."""
+    from prometheus_client import generate_latest
+
+    svc = _svc(root, target, max_servers=8)
+    try:
+        for i in range(200):
+            svc.ingest(LogBatch(server_id=f"spoof-{i:03d}-" + "x" * 400, seq=i % 3, entries=[]))
+        svc.ingest(LogBatch(server_id="real", seq=0, entries=[]))
+        assert len(svc.assembler.last_seq) <= 8 and len(svc.served.servers) <= 8
+        text = generate_latest(svc.registry).decode()
+        assert text.count("adaspec_sidecar_log_batches_received_total{") <= 8
+        assert 'server="real"' in text and "spoof-000-" not in text
+    finally:
+        svc.close()
+
+
+def test_a_failed_final_checkpoint_is_not_a_clean_exit(target, root):
+    """D15: SIGTERM with a full or read-only disk used to log "final checkpoint failed" and exit 0; the service
+    now says so (the CLI turns it into exit code 1 with an `error:` line)."""
+    svc = _svc(root, target)
+    try:
+        svc.trainer.updates += 1  # something learned since the last checkpoint
+
+        def full_disk():
+            raise OSError(28, "No space left on device")
+
+        svc.checkpoint = full_disk
+        svc.stop()
+        svc.run()  # stops at once; the final checkpoint fails
+        assert svc.final_checkpoint_failed
+    finally:
+        svc.close()

@@ -13,7 +13,7 @@ from adaspec.core.step import FixedPolicy
 from adaspec.core.errors import ConfigError
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads.adaptive import IGNORE, AdaptiveFeatures, AdaptiveHead
-from adaspec.core.online.wire import LogBatch, StepEntry, tensor_to_blob
+from adaspec.core.online.wire import AdminReply, LogBatch, StepEntry, tensor_to_blob
 from adaspec.core.heads.adaptive_base import read_base, write_base
 from adaspec.sidecar.checkpoint import CheckpointError, CheckpointStore, TrainerState, VersionRecord, export_head
 from adaspec.sidecar.gate import decide, estimate_tau, replay_accepted
@@ -421,3 +421,18 @@ def test_low_priority_applies_and_spawned_colocated_sidecars_use_it(tmp_path):
     assert s.priority == "idle" and s.cpu_share == 0.5
     with pytest.raises(ValueError):
         SidecarSettings(priority="realtime", state_dir=tmp_path)
+
+
+def test_hostile_seq_jumps_count_as_restarts_and_status_stays_encodable():
+    """D1: batches with seq alternating 0 / 2^63-1 once summed to a lost-batch count past 64 bits, which made
+    admin `status` unencodable; a jump beyond MAX_SEQ_GAP is a restart, and the counters stay small."""
+    from adaspec.core.online.wire import encode
+    from adaspec.sidecar.samples import MAX_SEQ_GAP
+
+    asm = StreamAssembler(64, VOCAB, W)
+    for seq in [0, 2**63 - 1] * 3 + [5, 7]:
+        asm.add_batch(LogBatch(server_id="s", seq=seq, entries=[]))
+    assert asm.gaps["s"] == 1 and asm.restarts["s"] >= 5  # only 5 -> 7 lost a batch
+    asm.add_batch(LogBatch(server_id="s", seq=7 + MAX_SEQ_GAP + 1, entries=[]))
+    assert asm.gaps["s"] == 1 + MAX_SEQ_GAP
+    encode(AdminReply(ok=True, status={"logs_lost": int(sum(asm.gaps.values()))}))  # no OverflowError

@@ -225,6 +225,11 @@ def test_settings_with_curve_keys(tmp_path):
     _, secret_file = zmq.auth.create_certificates(str(tmp_path), "me")
     s2 = TransportSettings(logs_endpoint="tcp://127.0.0.1:7000", curve_key_file=secret_file)
     assert len(s2.curve_keys().public) == 40
+    other_pub, _ = zmq.curve_keypair()  # D21: a public key that is not the secret's is refused up front
+    bad = TransportSettings(run_dir=tmp_path, logs_endpoint="tcp://127.0.0.1:7000",
+                            curve_public_key=other_pub.decode(), curve_secret_key=sec.decode())
+    with pytest.raises(ValueError, match="does not belong"):
+        bad.curve_keys()
 
 
 def test_tcp_curve_logs_flow_and_wrong_server_key_is_not_heard(ctx):
@@ -367,3 +372,87 @@ def test_admin_handler_errors_become_error_replies(transport):
         th.join()
         server.close()
         client.close()
+
+
+def _raw_request(transport, name: str, frames: list[bytes], timeout_ms: int = 3000) -> bytes | None:
+    """A hand-rolled REQ on endpoint `name` sending `frames` as one multi-frame message; the reply or None."""
+    sock = transport.ctx.socket(zmq.REQ)
+    sock.linger = 0
+    try:
+        sock.connect(transport.settings.endpoint(name))
+        sock.send_multipart(frames)
+        return sock.recv() if sock.poll(timeout_ms, zmq.POLLIN) else None
+    finally:
+        sock.close(linger=0)
+
+
+def test_multi_frame_requests_get_an_error_reply_and_the_admin_channel_keeps_serving(transport):
+    """D5: an N-frame admin request costs one error reply, not N seconds of a stalled loop; D1: a reply the
+    wire cannot encode (an int past 64 bits) becomes an error reply instead of a REP socket stuck forever."""
+    from adaspec.core.online.wire import decode
+
+    server = transport.admin_server()
+    client = transport.admin_client()
+    stop = threading.Event()
+
+    def handler(req):
+        if req.command == "status" and req.args.get("huge"):
+            return AdminReply(ok=True, status={"lost": 2**64 + 5})  # what six hostile seq jumps once produced
+        return AdminReply(ok=True, status={"cmd": req.command})
+
+    th = threading.Thread(target=lambda: [server.handle_one(handler, 20) for _ in iter(stop.is_set, True)])
+    th.start()
+    try:
+        t0 = time.monotonic()
+        for n in (2, 30):
+            out = _raw_request(transport, "admin", [b"x"] * n)
+            assert out is not None, f"no reply to a {n}-frame request"
+            reply = decode(out, expect=AdminReply)
+            assert not reply.ok and f"{n} frames" in reply.error
+        assert time.monotonic() - t0 < 2.0
+        bad = client.call("status", timeout_ms=WAIT_MS, huge=True)
+        assert not bad.ok and "not encodable" in bad.error
+        good = client.call("status", timeout_ms=WAIT_MS)
+        assert good.ok and good.status == {"cmd": "status"}
+        assert server.rejected["frames"] == 2 and server.rejected["unencodable_reply"] == 1
+    finally:
+        stop.set()
+        th.join()
+        server.close()
+        client.close()
+
+
+def test_a_two_frame_sync_request_does_not_kill_the_weight_sync_thread(transport):
+    """D2: the 2-frame Hello that used to kill `adaspec-weight-sync` for good now gets an error reply, and the
+    sync path goes on answering real servers."""
+    publisher = transport.weight_publisher()
+    client = transport.weight_client(["eagle"])
+    try:
+        publisher.publish(WeightUpdate.build("eagle", 4, {"w": torch.ones(2)}))
+        assert _raw_request(transport, "sync", [b"hello", b"again"]) is not None
+        assert _raw_request(transport, "sync", [b"\xc1garbage"]) is not None
+        assert publisher._thread.is_alive()
+        ack = client.sync("srv", {"eagle": 0})
+        assert [u.version for u in ack.updates] == [4]
+    finally:
+        client.close()
+        publisher.close()
+
+
+def test_symlinked_or_sticky_shared_run_dirs_are_refused(ctx, run_dir):
+    """D4: the private-dir check no longer follows a symlink another user planted, nor accepts a sticky
+    world-writable dir (what /tmp is), where the bind->chmod race was won 9 times in 12."""
+    run_dir.mkdir(mode=0o700)
+    real = run_dir / "real"
+    real.mkdir(mode=0o700)
+    link = run_dir / "link"
+    link.symlink_to(real)
+    with pytest.raises(T.TransportError, match="symlink"):
+        T.LogPuller(ctx, f"ipc://{link}/x.sock")
+    sticky = run_dir / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    with pytest.raises(T.TransportError, match="writable by others"):
+        T.LogPuller(ctx, f"ipc://{sticky}/x.sock")
+    puller = T.LogPuller(ctx, f"ipc://{real}/x.sock")  # a private dir of ours is fine
+    puller.close()

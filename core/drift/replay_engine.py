@@ -47,7 +47,7 @@ class TraceEngine(SpecEngine):
         self,
         target,
         drafters: Mapping[str, Drafter] | Sequence[Drafter],
-        verify_time: Callable[..., float],
+        verify_time: Callable[[int, int, bool], float],  # (tokens, batch, any draft) -> seconds
         batch_size: int = 4,
         padded_verify: bool = True,
     ) -> None:

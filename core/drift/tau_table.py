@@ -44,7 +44,7 @@ def tau_table(settings: Settings, target: Any, datasets: dict[str, Path], limit:
         prompts = [target.encode(r.prompt, chat=settings.chat_template) for r in load_prompts(path, limit)]
         traces = store.ensure(prompts, max_new_tokens, layers, progress=progress)
         for d in drafters:
-            engine = TraceEngine(target, {d: make_drafter(d, settings, target)}, lambda t, b: 0.0, batch_size)
+            engine = TraceEngine(target, {d: make_drafter(d, settings, target)}, lambda *_: 0.0, batch_size)
             specs = [RequestSpec(list(p), f"{name}-{i}") for i, p in enumerate(prompts)]
             engine.traces = {s.request_id: tr for s, tr in zip(specs, traces)}
             res = engine.generate(specs, SamplingParams(max_new_tokens=max_new_tokens), FixedPolicy(d, k))

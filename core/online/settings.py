@@ -175,6 +175,12 @@ class TransportSettings(BaseSettings):
             assert self.curve_public_key is not None and self.curve_secret_key is not None
             public = self.curve_public_key.encode()
             secret = self.curve_secret_key.get_secret_value().encode()
+        try:
+            derived = zmq.curve_public(secret)
+        except (zmq.ZMQError, ValueError) as exc:
+            raise ValueError(f"the CURVE secret key is not a valid Z85 key ({exc})") from None
+        if derived != public:  # D21: a mismatched pair starts fine, but no client could ever connect
+            raise ValueError("the CURVE public key does not belong to the secret key (the pair does not match)")
         server = self.curve_server_key.encode() if self.curve_server_key else None
         if server is None and self.curve_server_key_file is not None:
             server, _ = zmq.auth.load_certificate(self.curve_server_key_file)

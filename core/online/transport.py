@@ -17,6 +17,7 @@ directory and are chmod-ed 0600 right after bind (and checked); TCP endpoints mu
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import stat
 import threading
@@ -111,16 +112,20 @@ def _secure(sock: zmq.Socket, endpoint: str, keys: CurveKeys | None, server: boo
         sock.curve_serverkey = keys.server_public
 
 
-def _private_dir(path: Path) -> None:
-    """Create the socket dir 0700, or refuse an existing one that others could write to (bind/chmod race)."""
-    if not path.exists():
+def private_dir(path: Path) -> None:
+    """Create the socket dir 0700, or refuse an existing one another user could plant or swap files in
+    (the bind->chmod race): a symlink (even to a dir of ours), a dir not owned by us, or one writable by group
+    or others -- sticky or not (/tmp itself is sticky and world-writable)."""
+    if not os.path.lexists(path):
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise TransportError(f"IPC socket dir {path} is a symlink; use a real directory")
     if not stat.S_ISDIR(st.st_mode):
         raise TransportError(f"IPC socket dir {path} is not a directory")
     if st.st_uid != os.getuid():
         raise TransportError(f"IPC socket dir {path} is owned by uid {st.st_uid}, not us ({os.getuid()})")
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+    if st.st_mode & 0o022:
         raise TransportError(f"IPC socket dir {path} is writable by others (mode {oct(st.st_mode & 0o777)})")
 
 
@@ -136,7 +141,7 @@ def bind(sock: zmq.Socket, endpoint: str, keys: CurveKeys | None = None) -> str:
         path = Path(raw)
         if len(str(path).encode()) > _IPC_PATH_MAX:
             raise TransportError(f"IPC path {path} is longer than {_IPC_PATH_MAX} bytes; use a shorter run_dir")
-        _private_dir(path.parent)
+        private_dir(path.parent)
         sock.bind(endpoint)
         os.chmod(path, 0o600)
         mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -286,8 +291,14 @@ class ReqClient:
         self._sock.close(linger=0)
 
 
+log = logging.getLogger(__name__)
+
+
 class RepServer:
-    """A REP socket served one request at a time by a handler; handler errors become error replies."""
+    """A REP socket served one request at a time by a handler. Every request gets a reply and the socket keeps
+    serving whatever a peer sends: a message of several frames, one that does not decode, a handler that
+    fails, a reply that cannot be encoded -- each becomes an error reply (counted in `rejected`), so one bad
+    peer costs one message, never the channel."""
 
     def __init__(
         self,
@@ -309,18 +320,26 @@ class RepServer:
         """Answer at most one request arriving within `timeout_ms`; True if one was answered."""
         if not self._sock.poll(timeout_ms, zmq.POLLIN):
             return False
-        data = self._sock.recv(zmq.NOBLOCK)
         try:
-            reply = handler(decode(data, self.limits, expect=expect))
-        except WireError as exc:
-            self.rejected[exc.reason] += 1
-            reply = AdminReply(ok=False, error=f"bad request: {exc}")
-        except Exception as exc:  # a handler bug must not kill the REP loop or leave the peer waiting
-            reply = AdminReply(ok=False, error=f"{type(exc).__name__}: {exc}")
+            frames = self._sock.recv_multipart(zmq.NOBLOCK)  # the whole message: REP cannot reply mid-message
+        except zmq.Again:
+            return False
+        if len(frames) != 1:
+            self.rejected["frames"] += 1
+            reply: object = AdminReply(ok=False, error=f"bad request: {len(frames)} frames (one expected)")
+        else:
+            try:
+                reply = handler(decode(frames[0], self.limits, expect=expect))
+            except WireError as exc:
+                self.rejected[exc.reason] += 1
+                reply = AdminReply(ok=False, error=f"bad request: {exc}")
+            except Exception as exc:  # a handler bug must not kill the REP loop or leave the peer waiting
+                reply = AdminReply(ok=False, error=f"{type(exc).__name__}: {exc}")
         try:
             out = encode(reply, self.limits)  # type: ignore[arg-type]
-        except WireError as exc:
-            out = encode(AdminReply(ok=False, error=f"reply not encodable: {exc}"), self.limits)
+        except Exception as exc:  # WireError, or msgpack's OverflowError for an int past 64 bits, ...
+            self.rejected["unencodable_reply"] += 1
+            out = encode(AdminReply(ok=False, error=f"reply not encodable: {type(exc).__name__}"), self.limits)
         self._sock.send(out, zmq.NOBLOCK)
         return True
 
@@ -374,6 +393,7 @@ class WeightPublisher:
         self._latest: dict[str, WeightUpdate] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.sync_errors = 0
         self._thread = threading.Thread(target=self._serve, name="adaspec-weight-sync", daemon=True)
         self._thread.start()
 
@@ -405,13 +425,17 @@ class WeightPublisher:
         return Ack(versions={k: u.version for k, u in latest.items()}, updates=updates)
 
     def _serve(self) -> None:
+        """The sync thread: it outlives anything a peer sends (`RepServer` answers every message); an
+        unexpected error is logged, counted and survived, never the end of the sync path."""
         while not self._stop.is_set():
             try:
                 self._rep.handle_one(self._answer, 100, expect=Hello)  # type: ignore[arg-type]
-            except zmq.ZMQError:
+            except Exception:
                 if self._stop.is_set():
                     return
-                raise
+                self.sync_errors += 1
+                log.exception("weight-sync request failed; the sync path keeps serving")
+                self._stop.wait(0.1)
 
     def close(self) -> None:
         self._stop.set()
