@@ -165,8 +165,10 @@ def verify(path: Path) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (ValueError, KeyError) as exc:
-        raise ModelError(f"corrupted manifest {manifest_path}: {exc}") from None
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise ValueError("'files' is not a map of file name -> sha256")
+    except (ValueError, KeyError, TypeError) as exc:  # TypeError: a manifest that is a list, a string, ...
+        raise ModelError(f"corrupted manifest {manifest_path}: {type(exc).__name__}: {exc}") from None
     if not files:
         raise ModelError(f"manifest {manifest_path} lists no weight files")
     for fname, expected in files.items():

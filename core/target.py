@@ -39,6 +39,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _check_utf8(text: str) -> None:
+    """Refuse text that is not valid Unicode (lone surrogates: an invalid UTF-8 shell argument, or a JSON
+    escape like \\ud800) with a clear error instead of a tokenizer traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"the prompt is not valid UTF-8 (at character {exc.start})") from None
+
+
 @dataclass
 class Target:
     """A loaded target model with what the engine needs to know about it."""
@@ -74,6 +83,7 @@ class Target:
         """Token ids for a raw user prompt: wrapped in the chat template (default) or sent as-is."""
         if not prompt or not prompt.strip():
             raise RequestError("empty prompt")
+        _check_utf8(prompt)
         if chat and getattr(self.tokenizer, "chat_template", None):
             return self.encode_chat([{"role": "user", "content": prompt}])
         return self._checked([int(t) for t in self.tokenizer(prompt, add_special_tokens=True)["input_ids"]])
@@ -82,10 +92,16 @@ class Target:
         """Token ids of a conversation under the model's chat template, ready for the assistant's turn."""
         if not any(m["content"].strip() for m in messages):
             raise RequestError("empty prompt")
+        for m in messages:
+            _check_utf8(m["content"])
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):  # a base model: the turns as plain text
             return self._checked(tok("\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"])
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # a broken chat_template.jinja (jinja2 TemplateError, ...): say which file
+            raise ModelError(f"the model's chat template cannot be applied ({type(exc).__name__}: {exc}); "
+                             "pass --raw, or fix or remove its chat_template"[:500]) from None
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return self._checked([int(t) for t in ids])

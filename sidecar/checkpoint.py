@@ -12,6 +12,7 @@ servers already hold. Loading verifies checksums; a damaged checkpoint is skippe
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import time
@@ -64,6 +65,9 @@ class TrainerState:
     history: list[VersionRecord] = field(default_factory=list)
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
+
+
+log = logging.getLogger(__name__)
 
 
 def checksum(tensors: dict[str, Tensor]) -> str:
@@ -167,10 +171,21 @@ class CheckpointStore:
         return final
 
     def load(self, path: Path) -> TrainerState:
+        """One checkpoint, verified; CheckpointError for anything wrong with it (never another exception)."""
+        try:
+            return self._load(path)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # valid JSON of the wrong shape (a list, files: []), odd tensors, ...
+            raise CheckpointError(f"{path}: damaged ({type(exc).__name__}: {exc})"[:400]) from None
+
+    def _load(self, path: Path) -> TrainerState:
         try:
             manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: manifest unreadable ({exc})") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+            raise CheckpointError(f"{path}: manifest is not a map with a 'files' map")
         if manifest.get("format") != FORMAT:
             raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r}")
         if manifest.get("base_fingerprint") != self.fingerprint:
@@ -200,12 +215,22 @@ class CheckpointStore:
         )
 
     def latest(self) -> TrainerState | None:
-        """The newest checkpoint that loads and verifies (damaged ones are skipped), or None."""
+        """The newest checkpoint that loads and verifies, or None. A damaged one is skipped with a warning
+        (D13: silently, a sidecar whose checkpoints were all damaged started from scratch unannounced)."""
+        damaged = []
         for path in self.checkpoints():
             try:
-                return self.load(path)
-            except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError):
+                state = self.load(path)
+            except CheckpointError as exc:
+                log.warning("skipping damaged checkpoint: %s", exc)
+                damaged.append(path)
                 continue
+            if damaged:
+                log.warning("resuming from %s; %d newer checkpoint(s) were damaged", path.name, len(damaged))
+            return state
+        if damaged:
+            log.warning("every checkpoint (%d) is damaged: starting from the head base with a fresh optimizer",
+                        len(damaged))
         return None
 
 

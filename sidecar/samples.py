@@ -170,12 +170,14 @@ class StreamAssembler:
         if any(t >= self.vocab_size for t in e.emitted_tokens):
             self.rejected[TOKEN_RANGE] += 1
             return None
-        feats = blob_to_tensor(blob).to(torch.float32)
+        start = shape[0] - need
+        # Only the rows that pair with emitted tokens, copied: a view would pin the whole decoded message (a
+        # prefill's features can be the whole prompt -- D17: 12 such entries pinned +550 MB).
+        feats = blob_to_tensor(blob)[start: start + e.emitted].to(torch.float32, copy=True)  # [emitted, d]
         if not bool(torch.isfinite(feats).all()):
             self.rejected[FEATURES_NONFINITE] += 1
             return None
-        start = shape[0] - need
-        return feats[start: start + e.emitted]
+        return feats
 
     def _close(self, key: tuple[str, str]) -> None:
         st = self.streams.pop(key, None)

@@ -316,6 +316,24 @@ def test_damaged_or_partial_checkpoints_are_skipped(target, tmp_path):
     assert other.latest() is None
 
 
+@pytest.mark.parametrize("manifest", ["[]", '{"files": []}', '"x"', '{"format": 1, "files": {"a": 5}}'])
+def test_a_manifest_of_the_wrong_shape_is_skipped_with_a_warning(target, tmp_path, manifest, caplog):
+    """D12/D13: valid JSON of the wrong shape used to crash the start (AttributeError); damaged checkpoints
+    were skipped without a word. Now each is a CheckpointError, skipped with a warning naming it."""
+    import logging
+
+    base = read_base(write_base(AdaptiveHead.for_target(target, inner_size=32), tmp_path / "b.safetensors"))
+    store = CheckpointStore(tmp_path / "state", "adaptive", base.fingerprint, keep_checkpoints=5)
+    w = {k: v.clone() for k, v in base.init.items()}
+    only = store.save(TrainerState(w, {}, 0, 1, 10, 0))
+    (only / "manifest.json").write_text(manifest)
+    with pytest.raises(CheckpointError):
+        store.load(only)
+    with caplog.at_level(logging.WARNING, logger="adaspec.sidecar.checkpoint"):
+        assert store.latest() is None
+    assert "damaged" in caplog.text and "every checkpoint (1) is damaged" in caplog.text
+
+
 def test_versions_are_checksummed_and_pruned(target, tmp_path):
     base = read_base(write_base(AdaptiveHead.for_target(target, inner_size=32), tmp_path / "b.safetensors"))
     store = CheckpointStore(tmp_path / "s", "adaptive", base.fingerprint, keep_versions=3)
@@ -436,3 +454,14 @@ def test_hostile_seq_jumps_count_as_restarts_and_status_stays_encodable():
     asm.add_batch(LogBatch(server_id="s", seq=7 + MAX_SEQ_GAP + 1, entries=[]))
     assert asm.gaps["s"] == 1 + MAX_SEQ_GAP
     encode(AdminReply(ok=True, status={"logs_lost": int(sum(asm.gaps.values()))}))  # no OverflowError
+
+
+def test_kept_prefill_rows_do_not_pin_the_whole_message():
+    """D17: a prefill entry carries features for its whole prompt but pairs one row with its emitted token;
+    the kept row is a copy, so the decoded message (here 4096 rows) can be freed."""
+    asm = StreamAssembler(64, VOCAB, W)
+    big = _decode_entry(4096, accepted=0, prefill=True, drafter=None, drafted=0, draft_tokens=[],
+                        emitted_tokens=[7])
+    asm.add_batch(LogBatch(server_id="s", seq=0, entries=[big]))
+    rows = [r for st in asm.streams.values() for r in st.rows]
+    assert rows and all(r.untyped_storage().nbytes() <= 64 * 4 * r.shape[0] for r in rows)

@@ -88,8 +88,9 @@ def _adaptive(settings: Settings, target: object) -> Drafter:
     if settings.adaptive_head_path is not None:
         try:
             head = load_adaptive(settings.adaptive_head_path, target, lr=settings.adaptive_lr)
-        except (FileNotFoundError, KeyError, RuntimeError) as exc:
-            raise ModelError(f"cannot load adaptive head {settings.adaptive_head_path}: {exc}") from exc
+        except Exception as exc:  # not a file, not safetensors (SafetensorError), wrong tensors: one clear error
+            raise ModelError(f"cannot load adaptive head {settings.adaptive_head_path}: "
+                             f"{type(exc).__name__}: {exc}"[:500]) from None
     else:
         head = AdaptiveHead.for_target(
             target, inner_size=settings.adaptive_inner_size, seed=settings.seed, lr=settings.adaptive_lr
