@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from adaspec.core.errors import AdaspecError
 from adaspec.core.online.wire import AdminReply, AdminRequest
 from adaspec.sidecar.checkpoint import CheckpointError
 
@@ -52,7 +53,7 @@ def handle(svc: "SidecarService", req: AdminRequest) -> AdminReply:
                 return AdminReply(ok=False, error="export needs a string argument 'path'")
             return AdminReply(ok=True, status={"path": svc.export(path), "version": svc.serving_version})
         return AdminReply(ok=False, error=f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
-    except CheckpointError as exc:
+    except (CheckpointError, AdaspecError) as exc:
         return AdminReply(ok=False, error=str(exc)[:2000])
     except OSError as exc:
         return AdminReply(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])

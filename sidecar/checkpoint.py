@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from adaspec.core import fsio
-from adaspec.core.errors import AdaspecError
+from adaspec.core.errors import AdaspecError, ConfigError
 from adaspec.core.online.wire import named_tensor, weights_checksum
 
 
@@ -86,9 +86,14 @@ class CheckpointStore:
         self.versions_dir = self.root / "versions"
         self.ckpt_dir = self.root / "checkpoints"
         for d in (self.versions_dir, self.ckpt_dir):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for leftover in fsio.leftovers(d):  # an interrupted write
-                fsio.remove(leftover)
+            try:
+                d.mkdir(parents=True, exist_ok=True, mode=0o700)
+                if not d.is_dir():  # a dangling symlink passes exist_ok
+                    raise NotADirectoryError(f"{d} is not a directory")
+                for leftover in fsio.leftovers(d):  # an interrupted write
+                    fsio.remove(leftover)
+            except OSError as exc:  # D14: read-only dir, `versions` a file or a dangling symlink
+                raise ConfigError(f"sidecar state dir {self.root} is unusable: {exc}") from None
 
     # -- versions -------------------------------------------------------------------------------------------
     def version_path(self, version: int) -> Path:
@@ -239,8 +244,8 @@ def export_head(path: Path, weights: dict[str, Tensor], config: dict[str, Any], 
     the head's state_dict with its config under metadata key `adaspec_adaptive`."""
     path = Path(path)
     if path.is_dir():
-        path = path / f"{drafter}-v{version}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", drafter)[:64] or "head"
+        path = path / f"{safe}-v{version}.safetensors"
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     meta = {
         "adaspec_adaptive": json.dumps(config),

@@ -120,8 +120,11 @@ class SidecarService:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = s = settings
-        s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_file = _lock_state_dir(s.state_dir)
+        try:
+            s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock_file = _lock_state_dir(s.state_dir)
+        except OSError as exc:  # D14: read-only, not a dir, not ours -- an `error:` line, not a traceback
+            raise ConfigError(f"sidecar state dir {s.state_dir} is unusable: {exc}") from None
         try:
             self._init(s, transport, base, registry)
         except BaseException:
@@ -163,6 +166,7 @@ class SidecarService:
         self._labeled_tenants: set[str] = set()
         self._stop = threading.Event()
         self.final_checkpoint_failed = False
+        self._highest_version = 0
         self.resume()
 
         own = not isinstance(transport, Transport)
@@ -206,6 +210,10 @@ class SidecarService:
         newest = max(stored, default=0)
         if state is not None and state.serving_version > newest:
             log.warning("checkpoint says v%d serves but only v%d is stored", state.serving_version, newest)
+        # D8: never reuse a version number servers may hold, even when versions/ is lost -- the checkpoint
+        # remembers what was published (servers reject a number they have seen as stale).
+        self._highest_version = max([newest, state.serving_version if state else 0]
+                                    + [r.version for r in (state.history if state else [])])
         for version in sorted(stored, reverse=True):  # the newest version file that verifies
             try:
                 weights, record = self.store.load_version(version)
@@ -255,7 +263,8 @@ class SidecarService:
     def publish(self, weights: dict[str, Tensor], source: str, reason: str = "", weights_of: int = 0,
                 decision: GateDecision | None = None) -> int:
         """Persist, checkpoint, then broadcast `weights` as the next version; returns it."""
-        version = max(self.serving_version, max(self.store.versions(), default=0)) + 1
+        version = max(self.serving_version, self._highest_version, max(self.store.versions(), default=0)) + 1
+        self._highest_version = version
         record = VersionRecord(
             version=version, source=source, parent=self.serving_version, time=time.time(), reason=reason,
             candidate_tau=decision.candidate_tau if decision else 0.0,
@@ -423,8 +432,25 @@ class SidecarService:
         return self.publish(self.weights_of(0), "reset", "operator reset")
 
     def export(self, path: str) -> str:
+        """Write the serving head where an operator asks (D16: an absolute path, into an existing directory,
+        never over an existing file, never inside the state dir -- an admin peer cannot clobber the base or any
+        other file the sidecar can write)."""
+        target = Path(path)
+        if not target.is_absolute():
+            raise ConfigError(f"export needs an absolute path (got {path!r}: relative to the sidecar's cwd?)")
+        if "\0" in path:
+            raise ConfigError("export path contains a NUL byte")
+        parent = target if target.is_dir() else target.parent
+        if not parent.is_dir():
+            raise ConfigError(f"export: directory {parent} does not exist")
+        state = self.settings.state_dir.resolve()
+        if parent.resolve() == state or state in parent.resolve().parents:
+            raise ConfigError("export: refusing to write inside the sidecar's state dir")
+        if not target.is_dir() and (target.exists() or target.is_symlink()):
+            raise ConfigError(f"export: {target} exists; choose a new file name")
         cfg = dataclasses.asdict(self.serving_head.cfg)
-        return str(export_head(path, self._serving_weights(), cfg, self.serving_version, self.settings.drafter))
+        out = export_head(target, self._serving_weights(), cfg, self.serving_version, self.settings.drafter)
+        return str(out)
 
     # -- admin ----------------------------------------------------------------------------------------------
     def handle_admin(self, request: AdminRequest) -> AdminReply:

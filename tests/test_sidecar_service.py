@@ -151,6 +151,12 @@ def test_admin_commands(target, root):
             r = admin.call("export", path=str(out))
             assert r.ok and out.is_file() and r.status["version"] == 2
             assert not admin.call("export").ok
+            # D16: no overwriting, no relative paths, nothing inside the state dir, no new directories
+            for bad_path, why in ((out, "exists"), ("exported.safetensors", "absolute"),
+                                  (root / "state" / "base.safetensors", "state dir"),
+                                  (root / "new-dir" / "x.safetensors", "does not exist")):
+                r = admin.call("export", path=str(bad_path))
+                assert not r.ok and why in r.error, (bad_path, r.error)
             assert not admin.call("frobnicate").ok
             st = admin.call("status").status
             assert st["versions"] == [1, 2] and st["versions_source"] == ["operator-rollback", "reset"]
@@ -408,3 +414,22 @@ def test_a_failed_final_checkpoint_is_not_a_clean_exit(target, root):
         assert svc.final_checkpoint_failed
     finally:
         svc.close()
+
+
+def test_version_numbers_are_never_reused_when_versions_dir_is_lost(target, root):
+    """D8: with `versions/` lost, the next publish used to be v1 again while servers held v12 (and rejected
+    v1..v12 as stale); the checkpoint remembers what was published, so numbering goes on."""
+    import shutil
+
+    svc = _svc(root, target)
+    try:
+        w = svc._serving_weights()
+        assert [svc.publish(w, "test"), svc.publish(w, "test")] == [1, 2]
+    finally:
+        svc.close()
+    shutil.rmtree(root / "state" / "versions")
+    again = _svc(root, target)
+    try:
+        assert again.publish(again._serving_weights(), "test") == 3
+    finally:
+        again.close()

@@ -465,3 +465,18 @@ def test_kept_prefill_rows_do_not_pin_the_whole_message():
     asm.add_batch(LogBatch(server_id="s", seq=0, entries=[big]))
     rows = [r for st in asm.streams.values() for r in st.rows]
     assert rows and all(r.untyped_storage().nbytes() <= 64 * 4 * r.shape[0] for r in rows)
+
+
+def test_an_unusable_state_dir_is_a_config_error(target, tmp_path):
+    """D14: `versions` that is a file or a dangling symlink (and a read-only dir) used to end in a traceback;
+    it is a ConfigError, which the CLI prints as one `error:` line (exit code 2)."""
+    base = read_base(write_base(AdaptiveHead.for_target(target, inner_size=32), tmp_path / "b.safetensors"))
+    for kind in ("file", "dangling"):
+        state = tmp_path / f"state-{kind}"
+        state.mkdir()
+        if kind == "file":
+            (state / "versions").write_text("not a dir")
+        else:
+            (state / "versions").symlink_to(tmp_path / "nowhere")
+        with pytest.raises(ConfigError, match="unusable"):
+            CheckpointStore(state, "adaptive", base.fingerprint)

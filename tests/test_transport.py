@@ -232,11 +232,29 @@ def test_settings_with_curve_keys(tmp_path):
         bad.curve_keys()
 
 
-def test_tcp_curve_logs_flow_and_wrong_server_key_is_not_heard(ctx):
+def _allow(tmp_path, *publics: bytes) -> Path:
+    """An allow-list dir holding these client public keys (as ZMQ certificates)."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir(exist_ok=True)
+    for i, pub in enumerate(publics):
+        (allowed / f"c{i}.key").write_text(f'metadata\ncurve\n    public-key = "{pub.decode()}"\n')
+    return allowed
+
+
+def test_tcp_without_an_allow_list_refuses_to_bind(ctx):
+    """D3: CURVE alone authorised any client that knew the server's public key (remote pause/reset/export)."""
+    server, _ = _keys()
+    with pytest.raises(T.TransportError, match="allow-list"):
+        T.LogPuller(ctx, "tcp://127.0.0.1:*", server)
+
+
+def test_tcp_curve_logs_flow_and_wrong_server_key_is_not_heard(ctx, tmp_path):
     server, client = _keys()
+    b_keys = zmq.curve_keypair()
+    server = CurveKeys(server.public, server.secret, authorized_dir=_allow(tmp_path, client.public, b_keys[0]))
     puller = T.LogPuller(ctx, "tcp://127.0.0.1:*", server)
     a = T.LogPusher(ctx, puller.endpoint, client)
-    b = T.LogPusher(ctx, puller.endpoint, CurveKeys(*zmq.curve_keypair(), server_public=server.public))
+    b = T.LogPusher(ctx, puller.endpoint, CurveKeys(*b_keys, server_public=server.public))
     impostor_key = zmq.curve_keypair()[0]
     wrong = T.LogPusher(ctx, puller.endpoint, CurveKeys(client.public, client.secret, server_public=impostor_key))
     try:
@@ -456,3 +474,14 @@ def test_symlinked_or_sticky_shared_run_dirs_are_refused(ctx, run_dir):
         T.LogPuller(ctx, f"ipc://{sticky}/x.sock")
     puller = T.LogPuller(ctx, f"ipc://{real}/x.sock")  # a private dir of ours is fine
     puller.close()
+
+
+def test_a_socket_we_may_not_use_is_reported_as_such(ctx, run_dir, monkeypatch):
+    """D22: another user's sidecar socket (0600, not ours) used to show as "no reply within 2000 ms"; the client
+    now says permission denied at once. (Root may open anything, so the access check is simulated.)"""
+    run_dir.mkdir(mode=0o700)
+    sock_path = run_dir / "adaspec-admin.sock"
+    sock_path.write_text("")
+    monkeypatch.setattr(T.os, "access", lambda path, mode: False)
+    with pytest.raises(T.TransportError, match="permission denied"):
+        T.Transport(TransportSettings(run_dir=run_dir), context=ctx).admin_client()

@@ -102,10 +102,15 @@ def _secure(sock: zmq.Socket, endpoint: str, keys: CurveKeys | None, server: boo
     sock.curve_publickey = keys.public
     sock.curve_secretkey = keys.secret
     if server:
+        if keys.authorized_dir is None:  # D3: CURVE alone admits anyone who holds the server's public key
+            raise TransportError(
+                f"refusing to bind {endpoint} without an allow-list of client keys: set "
+                "ADASPEC_TRANSPORT_CURVE_AUTHORIZED_KEYS_DIR (a dir of the clients' public certificates); "
+                "CURVE without it lets anyone who knows the server's public key pause, reset or export"
+            )
         sock.curve_server = True
-        if keys.authorized_dir is not None:
-            _ensure_authenticator(sock.context, keys.authorized_dir)
-            sock.zap_domain = _ZAP_DOMAIN.encode()
+        _ensure_authenticator(sock.context, keys.authorized_dir)
+        sock.zap_domain = _ZAP_DOMAIN.encode()
     else:
         if keys.server_public is None:
             raise TransportError(f"connecting to {endpoint} needs the sidecar's public key (curve_server_key)")
@@ -154,7 +159,14 @@ def bind(sock: zmq.Socket, endpoint: str, keys: CurveKeys | None = None) -> str:
 
 
 def connect(sock: zmq.Socket, endpoint: str, keys: CurveKeys | None = None) -> None:
+    """Connect (libzmq retries in the background, so a socket that exists but is not ours would only show as
+    a timeout much later: D22 -- say "permission denied" now instead)."""
     _secure(sock, endpoint, keys, server=False)
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+            raise TransportError(f"permission denied on {path}: the sidecar there runs as another user "
+                                 "(its sockets are 0600)")
     sock.connect(endpoint)
 
 
