@@ -309,3 +309,28 @@ def test_fuzz_oversized_declared_lengths(hdr_kind, pad):
                b"\xdf\x7f\xff\xff\xff", b"\xc9\x7f\xff\xff\xff\x01"]
     with pytest.raises(WireError):
         decode(headers[hdr_kind - 1] + b"\x00" * pad, WireLimits(max_message_bytes=1 << 20))
+
+
+def test_nested_empty_arrays_are_refused_before_they_cost_memory():
+    """D6: 16 MB of nested empty arrays once decoded to +980 MB and a 15 s stall (each costs ~60 bytes of
+    Python for 1 byte of input); decoding now stops at the container budget, fast and small."""
+    import time
+    import tracemalloc
+
+    from adaspec.core.online.wire import LIMIT, WireError, decode
+
+    inner = b"\xdc" + (4096).to_bytes(2, "big") + b"\x90" * 4096  # array16 of 4096 empty arrays
+    pad = b"\xdc" + (1024).to_bytes(2, "big") + inner * 1024  # 4M empty arrays in 4 MB, built as bytes
+    data = (b"\x83" + msgpack.packb("schema_version") + msgpack.packb(2) + msgpack.packb("kind")
+            + msgpack.packb("log_batch") + msgpack.packb("pad") + pad)
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(WireError) as exc:
+            decode(data)
+        elapsed = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert exc.value.reason == LIMIT and "max_containers" in str(exc.value)
+    assert elapsed < 1.0 and peak < 32 * 2**20  # without the budget: ~250 MB of lists

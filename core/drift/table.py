@@ -8,15 +8,21 @@ from rich.console import Console
 from rich.table import Table
 
 
-def print_drift(result: dict[str, Any], console: Console) -> None:
-    phases = [p["name"] for p in result["stream"]["phases"]]
-    live = result["mode"] == "live"
-    t = Table(title=f"drift ({result['mode']}): tau per phase [modeled speedup vs none"
-                    + (", wall tok/s" if live else "") + "]")
+def _phase_table(title: str, phases: list[str]) -> Table:
+    """A table with a row per policy: a column per phase, then the whole stream."""
+    t = Table(title=title)
     t.add_column("policy")
     for p in phases:
         t.add_column(p, justify="right")
     t.add_column("stream", justify="right")
+    return t
+
+
+def print_drift(result: dict[str, Any], console: Console) -> None:
+    phases = [p["name"] for p in result["stream"]["phases"]]
+    live = result["mode"] == "live"
+    t = _phase_table(f"drift ({result['mode']}): tau per phase [modeled speedup vs none"
+                     + (", wall tok/s" if live else "") + "]", phases)
     for name, pol in result["policies"].items():
         cells = []
         for p in phases:
@@ -84,11 +90,7 @@ def print_drift(result: dict[str, Any], console: Console) -> None:
 def print_demo(result: dict[str, Any], console: Console) -> None:
     """Per phase and policy: wall tok/s, tau, the share of accepted draft tokens per drafter, versions swapped in."""
     phases = [p["name"] for p in result["stream"]["phases"]]
-    t = Table(title="live, this machine: wall tok/s | tau | accepted draft tokens by drafter (share)")
-    t.add_column("policy")
-    for p in phases:
-        t.add_column(p, justify="right")
-    t.add_column("stream", justify="right")
+    t = _phase_table("live, this machine: wall tok/s | tau | accepted draft tokens by drafter (share)", phases)
     for name, pol in result["policies"].items():
         cells = []
         for p in phases:

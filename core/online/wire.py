@@ -58,9 +58,39 @@ class WireLimits:
     max_tensors: int = 1024
     max_str_bytes: int = 64 * 1024
     max_map_len: int = 1024
+    #: Arrays + maps in one message. Nested empty arrays cost ~60 bytes of Python each for 1 byte of input
+    #: (D6: 16 MB of them took +980 MB and a 15 s stall); a log batch needs a few per entry.
+    max_containers: int = 65536
+
+    @property
+    def container_budget(self) -> int:
+        return max(self.max_containers, 8 * self.max_entries + self.max_tensors + 64)
 
 
 DEFAULT_LIMITS = WireLimits()
+
+
+class _ContainerBudget:
+    """msgpack's list/map hooks, counting containers as they are built: decoding stops at the budget, so a
+    message can cost at most that many containers however it nests (the length limits bound each one)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, budget: int) -> None:
+        self.left = budget
+
+    def _spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise WireError(LIMIT, "too many arrays/maps in one message (max_containers)")
+
+    def on_list(self, value: list) -> list:
+        self._spend()
+        return value
+
+    def on_map(self, value: dict) -> dict:
+        self._spend()
+        return value
 
 # -- tensors --------------------------------------------------------------------------------------------------
 
@@ -316,11 +346,14 @@ def _decode(data: Any, limits: WireLimits, expect: type[_Message] | None) -> _Me
         raise WireError(NOT_BYTES, f"expected bytes, got {type(data).__name__}")
     if len(data) > limits.max_message_bytes:
         raise WireError(TOO_LARGE, f"{len(data)} bytes > max_message_bytes {limits.max_message_bytes}")
+    budget = _ContainerBudget(limits.container_budget)
     try:
         obj = msgpack.unpackb(
             data,
             raw=False,
             use_list=True,
+            list_hook=budget.on_list,
+            object_hook=budget.on_map,
             strict_map_key=True,
             max_bin_len=limits.max_tensor_bytes,
             max_str_len=limits.max_str_bytes,
