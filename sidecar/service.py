@@ -96,16 +96,16 @@ def load_base(settings: SidecarSettings) -> HeadBase:
     return read_base(path)
 
 
-def _lock_state_dir(state_dir: Path, name: str = ".lock", what: str = "is running on"):
-    """An exclusive lock on <state_dir>/<name> for this process's lifetime: two sidecars never share state
-    (or, with name `sidecar.lock` in the IPC run dir, endpoints: binding an IPC path replaces the socket
-    file, so a second sidecar would silently take the first one's traffic)."""
-    f = open(state_dir / name, "a+")
+def _exclusive_lock(directory: Path, name: str = ".lock", what: str = "is running on"):
+    """An exclusive lock on <directory>/<name> for this process's lifetime: two sidecars never share a state
+    dir (`.lock`) or an IPC dir (`sidecar.lock`: binding an IPC path replaces the socket file, so a second
+    sidecar would silently take the first one's traffic)."""
+    f = open(directory / name, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise ConfigError(f"another sidecar {what} {state_dir} (it holds {state_dir / name})") from None
+        raise ConfigError(f"another sidecar {what} {directory} (it holds {directory / name})") from None
     return f
 
 
@@ -122,7 +122,7 @@ class SidecarService:
         self.settings = s = settings
         try:
             s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._lock_file = _lock_state_dir(s.state_dir)
+            self._lock_file = _exclusive_lock(s.state_dir)
         except OSError as exc:  # D14: read-only, not a dir, not ours -- an `error:` line, not a traceback
             raise ConfigError(f"sidecar state dir {s.state_dir} is unusable: {exc}") from None
         try:
@@ -180,7 +180,7 @@ class SidecarService:
                         if ts.endpoint(ch).startswith("ipc://")}
             for d in sorted(ipc_dirs):  # before any bind: a second sidecar refuses instead of stealing endpoints
                 private_dir(d)
-                self._run_locks.append(_lock_state_dir(d, "sidecar.lock", "serves the IPC endpoints in"))
+                self._run_locks.append(_exclusive_lock(d, "sidecar.lock", "serves the IPC endpoints in"))
             self.puller = self.transport.log_puller()
             self.publisher = _Publisher(self.transport.ctx, ts.endpoint("weights"), ts.endpoint("sync"),
                                         self.transport.keys, ts.weights_hwm, self.transport.limits)

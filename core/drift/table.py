@@ -123,11 +123,10 @@ def print_profile(result: dict[str, Any], console: Console) -> None:
     stages: list[str] = []
     for p in pols.values():
         stages += [s for s in p["profile"]["ms_per_step"] if s not in stages]
-    order = {s: i for i, s in enumerate(stages)}
-    from adaspec.core.engine.profile import STAGE_ORDER
+    from adaspec.core.engine.profile import stage_rank
 
-    stages.sort(key=lambda s: (STAGE_ORDER.index(s.split(":")[0]) if s.split(":")[0] in STAGE_ORDER else 99,
-                               order[s]))
+    order = {s: i for i, s in enumerate(stages)}
+    stages.sort(key=lambda s: (stage_rank(s), order[s]))
     t = Table(title="per-step profile (live): ms per decode step")
     t.add_column("stage")
     for n in pols:

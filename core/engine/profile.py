@@ -17,6 +17,12 @@ STAGE_ORDER = ("between_steps", "retire", "peek", "plan", "draft", "trim", "forw
                "observe", "feedback", "listeners", "kv_compact", "prefill")
 
 
+def stage_rank(stage: str) -> int:
+    """Where a stage (`name` or `name:detail`) runs in a decode step: its index in STAGE_ORDER (unknown: last)."""
+    base = stage.split(":")[0]
+    return STAGE_ORDER.index(base) if base in STAGE_ORDER else len(STAGE_ORDER)
+
+
 class StepProfile:
     """Accumulated wall seconds per stage over an engine's steps (decode steps counted in `steps`)."""
 
@@ -46,8 +52,7 @@ class StepProfile:
         """Milliseconds per decode step for each stage, in step order (prefill: per decode step too, so the
         column sums to the average step's share of the run)."""
         n = max(1, self.steps)
-        key = lambda s: (STAGE_ORDER.index(s.split(":")[0]) if s.split(":")[0] in STAGE_ORDER else 99, s)
-        return {s: self.seconds[s] / n * 1e3 for s in sorted(self.seconds, key=key)}
+        return {s: self.seconds[s] / n * 1e3 for s in sorted(self.seconds, key=lambda s: (stage_rank(s), s))}
 
     def to_json(self) -> dict[str, object]:
         n = max(1, self.steps)
