@@ -78,6 +78,8 @@ def status(svc: "SidecarService") -> dict[str, Any]:
         "buffer_samples": len(svc.buffer),
         "buffer_capacity": svc.buffer.capacity,
         "holdout_samples": len(svc.holdout),
+        "restored_buffer_samples": svc.restored_samples[0],  # what the checkpoint resumed from held
+        "restored_holdout_samples": svc.restored_samples[1],
         "streams": len(svc.assembler.streams),
         "gate_publish": svc._gate_counts["publish"],
         "gate_hold": svc._gate_counts["hold"],

@@ -73,6 +73,30 @@ class TenantRing:
     def take(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.hidden[idx], self.tokens[idx], self.targets[idx]
 
+    def state(self) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """The ring's filled slots (tensors) and counters, for a checkpoint."""
+        n = self.size
+        tensors = {"hidden": self.hidden[:n].clone(), "tokens": self.tokens[:n].clone(),
+                   "targets": self.targets[:n].clone(), "stamps": self.stamps[:n].clone()}  # a snapshot
+        return tensors, {"size": n, "next": self.next, "stamp": self.stamp, "slots": int(self.hidden.shape[0])}
+
+    @classmethod
+    def restore(cls, hidden_size: int, width: int, capacity: int, tensors: dict[str, Tensor],
+                counters: dict[str, int]) -> "TenantRing":
+        """A ring from `state()`; ValueError if its shapes do not fit this buffer's layout."""
+        n, slots = int(counters["size"]), int(counters["slots"])
+        h, tok, tgt, st = tensors["hidden"], tensors["tokens"], tensors["targets"], tensors["stamps"]
+        if not (0 <= n <= slots <= capacity and 0 <= int(counters["next"]) < max(slots, 1)
+                and tuple(h.shape) == (n, hidden_size) and tuple(tok.shape) == (n,)
+                and tuple(tgt.shape) == (n, width) and tuple(st.shape) == (n,)):
+            raise ValueError(f"ring of {n}/{slots} samples does not fit (hidden {hidden_size}, width {width}, "
+                             f"capacity {capacity})")
+        ring = cls(hidden_size, width, capacity)
+        ring._alloc(max(slots, 1))
+        ring.hidden[:n], ring.tokens[:n], ring.targets[:n], ring.stamps[:n] = h.float(), tok.long(), tgt.long(), st.long()
+        ring.size, ring.next, ring.stamp = n, int(counters["next"]), int(counters["stamp"])
+        return ring
+
 
 class ReplayBuffer:
     """Per-tenant rings with a tenant LRU; `sample` draws a recency-weighted batch across tenants."""
@@ -126,6 +150,38 @@ class ReplayBuffer:
 
     def clear(self) -> None:
         self.rings.clear()
+
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        """Every ring's samples as flat named tensors, and the layout/counters (JSON-able) to rebuild them:
+        what a checkpoint keeps so a restart resumes with the same replay history (bounded by the capacity)."""
+        tensors: dict[str, Tensor] = {}
+        rings = []
+        for i, (tenant, ring) in enumerate(self.rings.items()):
+            t, counters = ring.state()
+            tensors.update({f"{i}.{k}": v.contiguous() for k, v in t.items()})
+            rings.append({"tenant": tenant, **counters})
+        return tensors, {"added": self.added, "hidden_size": self.hidden_size, "width": self.width, "rings": rings}
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Replace the contents with a `state()`; ValueError (contents untouched) if it does not fit."""
+        if meta.get("hidden_size") != self.hidden_size or meta.get("width") != self.width:
+            raise ValueError(f"buffer of hidden {meta.get('hidden_size')}, width {meta.get('width')} does not fit "
+                             f"{self.hidden_size}/{self.width}")
+        rings: collections.OrderedDict[str, TenantRing] = collections.OrderedDict()
+        first = max(0, len(meta["rings"]) - self.max_tenants)  # the most recently fed tenants
+        for j, r in enumerate(meta["rings"]):
+            if j < first:
+                continue
+            ring_tensors = {k: tensors[f"{j}.{k}"] for k in ("hidden", "tokens", "targets", "stamps")}
+            if int(r["size"]) > self.tenant_capacity:  # a smaller capacity now: the newest, oldest in slot 0
+                keep = torch.argsort(ring_tensors["stamps"])[-self.tenant_capacity:]
+                ring_tensors = {k: v[keep] for k, v in ring_tensors.items()}
+                r = {**r, "size": len(keep), "slots": len(keep), "next": 0}
+            elif int(r["slots"]) > self.tenant_capacity:  # not wrapped (slots 0..size-1 in order): fewer slots
+                r = {**r, "slots": max(int(r["size"]), self.tenant_capacity)}
+            rings[str(r["tenant"])] = TenantRing.restore(self.hidden_size, self.width, self.tenant_capacity,
+                                                         ring_tensors, r)
+        self.rings, self.added = rings, int(meta.get("added", 0))
 
     def sample(self, n: int) -> tuple[AdaptiveFeatures, Tensor] | None:
         """n samples (with replacement), tenants by size^(1-balance), recency-weighted inside each tenant."""

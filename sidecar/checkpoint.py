@@ -1,16 +1,20 @@
 """Durable sidecar state: published versions and trainer checkpoints, each written atomically.
 
     <state_dir>/versions/v0000000007.safetensors     weights of every published version (+ record in metadata)
-    <state_dir>/checkpoints/ckpt-00000012/           trainer.safetensors (weights + AdamW moments), manifest.json
+    <state_dir>/checkpoints/ckpt-00000012/           trainer.safetensors (weights + AdamW moments),
+                                                      buffers.safetensors (replay buffer + held-out split),
+                                                      manifest.json (counters, lineage, checksums of all)
 
 Everything is written into a temp name and renamed into place, so a crash (kill -9) leaves either the old
 or the new state, never a half-written one; leftovers of an interrupted write are removed at start. A
 version file is written *before* the version is broadcast, so a restarted sidecar never reuses a number the
-servers already hold. Loading verifies checksums; a damaged checkpoint is skipped for the previous one.
+servers already hold. Loading verifies checksums (the files' and the manifest's own); a damaged checkpoint
+is skipped for the previous one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -29,7 +33,8 @@ from adaspec.core.errors import AdaspecError, ConfigError
 from adaspec.core.online.wire import named_tensor, weights_checksum
 
 
-FORMAT = "adaspec-sidecar-checkpoint/1"
+FORMAT = "adaspec-sidecar-checkpoint/2"  # /2: buffers and a manifest checksum
+_LEGACY_FORMATS = ("adaspec-sidecar-checkpoint/1",)  # weights and moments only, manifest unchecked
 _VERSION_RE = re.compile(r"^v(\d{10})\.safetensors$")
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})$")
 
@@ -64,10 +69,19 @@ class TrainerState:
     serving_version: int
     history: list[VersionRecord] = field(default_factory=list)
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    #: Replay buffers by name ("buffer", "holdout"): (tensors, layout) as `ReplayBuffer.state()` gives them.
+    buffers: dict[str, tuple[dict[str, Tensor], dict[str, Any]]] = field(default_factory=dict)
     path: Path | None = None
 
 
 log = logging.getLogger(__name__)
+
+
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own checksum field (D12: a flipped byte in a
+    counter or the lineage must not load as a silently different state)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def checksum(tensors: dict[str, Tensor]) -> str:
@@ -157,6 +171,14 @@ class CheckpointStore:
                 for m, t in moments.items():
                     tensors[f"opt.{name}.{m}"] = t.detach().to("cpu").contiguous()
             save_file(tensors, str(tmp / "trainer.safetensors"))
+            files = {"trainer.safetensors": fsio.sha256_file(tmp / "trainer.safetensors")}
+            buffers = {}
+            if state.buffers:
+                flat = {f"{name}.{k}": v.detach().to("cpu").contiguous()
+                        for name, (tensors_, _) in state.buffers.items() for k, v in tensors_.items()}
+                save_file(flat, str(tmp / "buffers.safetensors"))
+                files["buffers.safetensors"] = fsio.sha256_file(tmp / "buffers.safetensors")
+                buffers = {name: layout for name, (_, layout) in state.buffers.items()}
             manifest = {
                 "format": FORMAT,
                 "created": time.time(),
@@ -168,8 +190,10 @@ class CheckpointStore:
                 "serving_version": state.serving_version,
                 "history": [asdict(r) for r in state.history[-256:]],
                 "rollbacks": state.rollbacks[-256:],
-                "files": {"trainer.safetensors": fsio.sha256_file(tmp / "trainer.safetensors")},
+                "buffers": buffers,
+                "files": files,
             }
+            manifest["manifest_sha256"] = manifest_checksum(manifest)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         for old in self.checkpoints()[self.keep_checkpoints:]:
             shutil.rmtree(old, ignore_errors=True)
@@ -191,8 +215,10 @@ class CheckpointStore:
             raise CheckpointError(f"{path}: manifest unreadable ({exc})") from None
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
             raise CheckpointError(f"{path}: manifest is not a map with a 'files' map")
-        if manifest.get("format") != FORMAT:
+        if manifest.get("format") not in (FORMAT, *_LEGACY_FORMATS):
             raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r}")
+        if manifest.get("format") == FORMAT and manifest.get("manifest_sha256") != manifest_checksum(manifest):
+            raise CheckpointError(f"{path}: manifest checksum mismatch")
         if manifest.get("base_fingerprint") != self.fingerprint:
             raise CheckpointError(f"{path}: trained against another head base")
         trainer = path / "trainer.safetensors"
@@ -207,6 +233,18 @@ class CheckpointStore:
                 elif key.startswith("opt."):
                     name, moment = key[len("opt."):].rsplit(".", 1)
                     optimizer.setdefault(name, {})[moment] = f.get_tensor(key)
+        buffers: dict[str, tuple[dict[str, Tensor], dict[str, Any]]] = {}
+        layouts = manifest.get("buffers") or {}
+        if layouts:
+            file = path / "buffers.safetensors"
+            if not file.is_file() or fsio.sha256_file(file) != manifest["files"].get("buffers.safetensors"):
+                raise CheckpointError(f"{path}: buffers.safetensors missing or damaged")
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    name, rest = key.split(".", 1)
+                    buffers.setdefault(name, ({}, layouts.get(name, {})))[0][rest] = f.get_tensor(key)
+            for name, layout in layouts.items():
+                buffers.setdefault(name, ({}, layout))
         return TrainerState(
             weights=weights,
             optimizer=optimizer,
@@ -216,6 +254,7 @@ class CheckpointStore:
             serving_version=int(manifest["serving_version"]),
             history=[VersionRecord(**r) for r in manifest.get("history", [])],
             rollbacks=list(manifest.get("rollbacks", [])),
+            buffers=buffers,
             path=path,
         )
 

@@ -207,6 +207,13 @@ class SidecarService:
             self.trainer.trained_tokens = state.trained_tokens
             self.history, self.rollbacks = state.history, state.rollbacks
             self.last_checkpoint = str(state.path)
+            for name, buf in (("buffer", self.buffer), ("holdout", self.holdout)):
+                if name in state.buffers:
+                    try:
+                        buf.load_state(*state.buffers[name])
+                    except (ValueError, KeyError, TypeError) as exc:  # another layout: learn it afresh
+                        log.warning("checkpoint's %s not restored (%s): starting it empty", name, exc)
+        self.restored_samples = (len(self.buffer), len(self.holdout))
         newest = max(stored, default=0)
         if state is not None and state.serving_version > newest:
             log.warning("checkpoint says v%d serves but only v%d is stored", state.serving_version, newest)
@@ -226,8 +233,8 @@ class SidecarService:
             if not any(r.version == version for r in self.history):
                 self.history.append(record)
             break
-        log.info("resumed: serving v%d, %d updates (%s)", self.serving_version, self.trainer.updates,
-                 self.last_checkpoint or "no checkpoint")
+        log.info("resumed: serving v%d, %d updates, %d replay + %d held-out samples (%s)", self.serving_version,
+                 self.trainer.updates, len(self.buffer), len(self.holdout), self.last_checkpoint or "no checkpoint")
 
     def _set_serving(self, version: int, weights: dict[str, Tensor], record: VersionRecord | None) -> None:
         copy_into(self.serving_head.state_dict(keep_vars=True), weights)
@@ -253,6 +260,7 @@ class SidecarService:
             weights=self.trainer.weights(), optimizer=moments, optimizer_step=step,
             updates=self.trainer.updates, trained_tokens=self.trainer.trained_tokens,
             serving_version=self.serving_version, history=self.history, rollbacks=self.rollbacks,
+            buffers={"buffer": self.buffer.state(), "holdout": self.holdout.state()},
         )
         path = self.store.save(state)
         self._updates_at_ckpt = self.trainer.updates

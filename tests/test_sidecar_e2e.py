@@ -13,6 +13,7 @@ sent to the process are refused and counted.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -138,6 +139,7 @@ def test_engine_and_sidecar_processes_learn_swap_survive_kill_and_restart(target
         def kill_midway(records) -> None:
             adaptive_steps.extend(r.step for r in records if r.drafter == "adaptive")
             if not killed and (len(adaptive_steps) >= KILL_AFTER_ADAPTIVE or engine.step_count - first_step >= 14):
+                killed["buffer"] = sidecar.status()["buffer_samples"]
                 os.kill(sidecar.pid, signal.SIGKILL)
                 killed["at"] = engine.step_count
                 deadline = time.monotonic() + 30  # let the heartbeat notice (the engine does not wait for it)
@@ -168,12 +170,20 @@ def test_engine_and_sidecar_processes_learn_swap_survive_kill_and_restart(target
 
         # -- restart: resumes from its checkpoint; the engine converges on the version it serves ------------------
         held = online.stager.newest_version()
+        newest_ckpt = max((root / "state" / "checkpoints").glob("ckpt-*"))
+        kept = json.loads((newest_ckpt / "manifest.json").read_text())["buffers"]
+        kept_samples = [sum(r["size"] for r in kept[name]["rings"]) for name in ("buffer", "holdout")]
         sidecar = sidecar.restart(ready_timeout_s=120)
         print(f"plain pass {t1 - t0:.1f} s, online pass {t2 - t1:.1f} s, ATLAS pass {t3 - t2:.1f} s, "
               f"restart {time.perf_counter() - t3:.1f} s")
         status = sidecar.status()
         assert status["version"] >= held  # every version the engine holds was durable: no number is reused
         assert status["updates"] > 0 and "ckpt-" in status["checkpoint"]
+        # the replay buffer and the held-out split come back as the last checkpoint kept them
+        assert status["checkpoint"].endswith(newest_ckpt.name) and kept_samples[0] > 0
+        assert [status["restored_buffer_samples"], status["restored_holdout_samples"]] == kept_samples
+        print(f"restart: resumed {newest_ckpt.name} with {kept_samples[0]} replay and {kept_samples[1]} "
+              f"held-out samples (at the kill: {killed['buffer']} replay)")
         deadline = time.monotonic() + 30
         while True:  # (the resumed sidecar may still publish newer versions: compare one reading at a time)
             serving = sidecar.status()["version"]

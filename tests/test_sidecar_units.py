@@ -199,6 +199,41 @@ def test_newest_returns_most_recent_per_tenant():
     assert targets.shape == (100, 2)
 
 
+def test_replay_buffer_state_round_trips_and_fits_a_smaller_capacity():
+    """What a checkpoint keeps: a restored buffer holds the same samples, counters and recency order, and goes
+    on wrapping where it stopped; restored into a smaller capacity it keeps the newest; another layout is refused."""
+    buf = ReplayBuffer(hidden_size=4, width=2, tenant_capacity=300, max_tenants=3)
+    for i in range(7):
+        buf.add(_samples("a", 70, start=i * 70))  # wrapped
+    buf.add(_samples("b", 50, start=5000))  # not wrapped
+    tensors, layout = buf.state()
+    json.dumps(layout)  # the layout goes into the manifest
+    back = ReplayBuffer(hidden_size=4, width=2, tenant_capacity=300, max_tenants=3)
+    back.load_state(tensors, layout)
+    assert back.fill() == buf.fill() and back.added == buf.added
+    for t in ("a", "b"):
+        for name in ("hidden", "tokens", "targets", "stamps"):
+            assert torch.equal(getattr(back.rings[t], name)[: buf.rings[t].size],
+                               getattr(buf.rings[t], name)[: buf.rings[t].size])
+    assert torch.equal(back.newest(40)[0].hidden, buf.newest(40)[0].hidden)
+    for b in (buf, back):
+        b.add(_samples("a", 30, start=9000))
+    assert torch.equal(back.rings["a"].hidden, buf.rings["a"].hidden)  # wraps on where it stopped
+    small = ReplayBuffer(hidden_size=4, width=2, tenant_capacity=100, max_tenants=1)
+    small.load_state(tensors, layout)
+    assert small.fill() == {"b": 50}  # max_tenants 1: the most recently fed tenant
+    small = ReplayBuffer(hidden_size=4, width=2, tenant_capacity=100, max_tenants=3)
+    small.load_state(tensors, layout)
+    assert small.fill() == {"a": 100, "b": 50}
+    assert sorted(small.rings["a"].hidden[:, 0].long().tolist()) == list(range(390, 490))  # the newest 100
+    small.add(_samples("a", 1, start=7777))  # overwrites the oldest kept (390)
+    assert 390 not in small.rings["a"].hidden[:, 0].long().tolist()
+    other = ReplayBuffer(hidden_size=8, width=2, tenant_capacity=300)
+    with pytest.raises(ValueError, match="does not fit"):
+        other.load_state(tensors, layout)
+    assert len(other) == 0
+
+
 # -- gate -------------------------------------------------------------------------------------------------------
 
 
@@ -314,6 +349,39 @@ def test_damaged_or_partial_checkpoints_are_skipped(target, tmp_path):
     assert not list((tmp_path / "state" / "checkpoints").glob(".tmp-*"))
     other = CheckpointStore(tmp_path / "state", "adaptive", "f" * 64)  # another base: nothing to resume
     assert other.latest() is None
+
+
+def test_a_checkpoint_keeps_the_replay_buffers_and_every_manifest_byte_is_checked(target, tmp_path):
+    """D23: a restart used to lose the replay buffer and the held-out split; D12: the manifest had no checksum
+    (6.5% of random 1-byte flips loaded with silently altered counters). Now both buffers are in the
+    checkpoint, and no 1-byte flip of the manifest or of a buffer byte loads."""
+    base = read_base(write_base(AdaptiveHead.for_target(target, inner_size=32), tmp_path / "b.safetensors"))
+    store = CheckpointStore(tmp_path / "state", "adaptive", base.fingerprint, keep_checkpoints=5)
+    w = {k: v.clone() for k, v in base.init.items()}
+    buf = ReplayBuffer(hidden_size=4, width=2, tenant_capacity=64)
+    buf.add(_samples("a", 100))
+    held = ReplayBuffer(hidden_size=4, width=2, tenant_capacity=64)
+    held.add(_samples("b", 10, start=500))
+    path = store.save(TrainerState(w, {}, 0, 7, 70, 0, buffers={"buffer": buf.state(), "holdout": held.state()}))
+    state = store.load(path)
+    assert state.updates == 7 and set(state.buffers) == {"buffer", "holdout"}
+    back = ReplayBuffer(hidden_size=4, width=2, tenant_capacity=64)
+    back.load_state(*state.buffers["buffer"])
+    assert back.fill() == {"a": 64} and torch.equal(back.newest(64)[0].hidden, buf.newest(64)[0].hidden)
+    raw = (path / "manifest.json").read_bytes()
+    gen = torch.Generator().manual_seed(0)
+    for pos in torch.randint(0, len(raw), (60,), generator=gen).tolist():
+        flipped = bytearray(raw)
+        flipped[pos] ^= 1 << int(torch.randint(0, 8, (1,), generator=gen))
+        (path / "manifest.json").write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError):
+            store.load(path)
+    (path / "manifest.json").write_bytes(raw)
+    data = bytearray((path / "buffers.safetensors").read_bytes())
+    data[-3] ^= 0x10
+    (path / "buffers.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="buffers"):
+        store.load(path)
 
 
 @pytest.mark.parametrize("manifest", ["[]", '{"files": []}', '"x"', '{"format": 1, "files": {"a": 5}}'])
