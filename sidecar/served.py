@@ -2,7 +2,8 @@
 
 Every logged step of the trained drafter carries the weight version it drafted with, so acceptance
 (accepted / drafted tokens) is measured per version over its most recent `window` drafted tokens. The
-rollback rule compares the serving version with the one it replaced once both have `min_drafted` tokens.
+rollback rule compares the serving version with the one it replaced once both have `min_drafted` tokens
+from `min_requests` distinct requests.
 Tau per tenant and version (tokens emitted per target forward in steps of this drafter) is the trend the
 admin status shows.
 """
@@ -26,17 +27,27 @@ class VersionStats:
     total_drafted: int = 0
     total_accepted: int = 0
     _recent: collections.deque = field(default_factory=collections.deque, repr=False)
+    _requests: collections.Counter = field(default_factory=collections.Counter, repr=False)
 
-    def add(self, drafted: int, accepted: int) -> None:
-        self._recent.append((drafted, accepted))
+    def add(self, drafted: int, accepted: int, request: tuple[str, str] = ("", "")) -> None:
+        self._recent.append((drafted, accepted, request))
+        self._requests[request] += 1
         self.drafted += drafted
         self.accepted += accepted
         self.total_drafted += drafted
         self.total_accepted += accepted
         while self._recent and self.drafted - self._recent[0][0] >= self.window:
-            d, a = self._recent.popleft()
+            d, a, r = self._recent.popleft()
             self.drafted -= d
             self.accepted -= a
+            self._requests[r] -= 1
+            if not self._requests[r]:
+                del self._requests[r]
+
+    @property
+    def requests(self) -> int:
+        """Distinct (server, request) pairs in the window: how many requests the acceptance rests on."""
+        return len(self._requests)
 
     @property
     def acceptance(self) -> float:
@@ -77,7 +88,7 @@ class ServedStats:
                     vs = self.versions[v] = VersionStats(self.window)
                     while len(self.versions) > self.max_versions:
                         self.versions.popitem(last=False)
-                vs.add(e.drafted, e.accepted)
+                vs.add(e.drafted, e.accepted, (server_id, e.request_id))
             trend = self.tenants.get(e.tenant)
             if trend is None:
                 trend = self.tenants[e.tenant] = collections.OrderedDict()
@@ -101,11 +112,17 @@ class ServedStats:
         vs = self.versions.get(version)
         return (vs.acceptance, vs.drafted) if vs is not None else (0.0, 0)
 
-    def rollback_reason(self, current: int, previous: int, min_drafted: int, margin: float) -> str | None:
-        """Why `current` should be rolled back to `previous`, or None (not enough evidence or not worse)."""
+    def rollback_reason(self, current: int, previous: int, min_drafted: int, margin: float,
+                        min_requests: int = 1) -> str | None:
+        """Why `current` should be rolled back to `previous`, or None (not enough evidence or not worse).
+
+        Evidence is drafted tokens from at least `min_requests` distinct requests per version (D18: one forged
+        batch -- one request's worth of entries -- forced a rollback; now it cannot carry the decision alone)."""
         cur, n_cur = self.acceptance(current)
         prev, n_prev = self.acceptance(previous)
         if n_cur < min_drafted or n_prev < min_drafted:
+            return None
+        if min(self.versions[current].requests, self.versions[previous].requests) < min_requests:
             return None
         if cur < prev * (1.0 - margin):
             return (f"served acceptance of v{current} {cur:.3f} < v{previous} {prev:.3f} x (1 - {margin:g}) "

@@ -412,7 +412,8 @@ class SidecarService:
         if rec is None or rec.source != "gate":
             return None
         s = self.settings
-        reason = self.served.rollback_reason(rec.version, rec.parent, s.rollback_min_drafted, s.rollback_margin)
+        reason = self.served.rollback_reason(rec.version, rec.parent, s.rollback_min_drafted, s.rollback_margin,
+                                             s.rollback_min_requests)
         if reason is None:
             return None
         return self.rollback_to(rec.parent, reason, kind="auto")

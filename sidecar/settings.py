@@ -119,6 +119,11 @@ class SidecarSettings(BaseSettings):
         default=256, ge=1, le=1_000_000_000,
         description="Drafted tokens a version needs in the logs before its served acceptance is compared.",
     )
+    rollback_min_requests: int = Field(
+        default=8, ge=1, le=1_000_000,
+        description="Distinct requests each version's served evidence must come from before a rollback (one "
+        "request's logs, forged or unlucky, cannot roll a version back).",
+    )
     rollback_margin: float = Field(
         default=0.1, ge=0.0, le=1.0,
         description="Roll back when a new version's acceptance < the previous version's x (1 - margin).",

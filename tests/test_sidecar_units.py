@@ -295,6 +295,31 @@ def test_rollback_rule_needs_evidence_and_a_real_drop():
     assert st.tenants["t"][2].tau == 2.0 and st.servers["s"][0] == 3
 
 
+def test_one_forged_batch_cannot_force_a_rollback():
+    """D18: one forged served-acceptance batch forced an automatic rollback v12->v13. A rollback now needs each
+    version's evidence from `min_requests` distinct requests, and an entry whose counts disagree with its own
+    tokens (accepted drafts that are not what was emitted) is refused by the schema."""
+    st = ServedStats("adaptive", window=4096)
+    honest = [_served_entry(1, 4, 2).model_copy(update={"request_id": f"r{i}"}) for i in range(100)]
+    st.add("s", honest)  # v1: 0.5 from 100 requests
+    st.add("s", [_served_entry(2, 4, 2).model_copy(update={"request_id": f"q{i}"}) for i in range(10)])
+    forged = [_served_entry(2, 4, 0) for _ in range(500)]  # v2 "collapses" -- all from one request id
+    st.add("forger", forged)
+    assert st.acceptance(2)[0] < 0.1 and st.versions[2].requests == 11
+    assert st.rollback_reason(2, 1, min_drafted=200, margin=0.1, min_requests=8) is not None  # 11 requests: real
+    st2 = ServedStats("adaptive", window=4096)
+    st2.add("s", honest)
+    st2.add("forger", forged)  # v2's evidence is one request's entries: no decision
+    assert st2.rollback_reason(2, 1, min_drafted=200, margin=0.1, min_requests=8) is None
+    assert st2.rollback_reason(2, 1, min_drafted=200, margin=0.1, min_requests=1) is not None  # the control
+    with pytest.raises(ValueError, match="differ from the draft"):
+        StepEntry(step=1, request_id="r", tenant="t", drafter="adaptive", k=3, drafted=3, accepted=2, emitted=3,
+                  draft_tokens=[5, 6, 7], emitted_tokens=[5, 9, 7], confidence=[], weight_version=1)
+    ok = StepEntry(step=1, request_id="r", tenant="t", drafter="adaptive", k=3, drafted=3, accepted=2, emitted=3,
+                   draft_tokens=[5, 6, 7], emitted_tokens=[5, 6, 8], confidence=[], weight_version=1)
+    assert ok.accepted == 2
+
+
 def test_acceptance_window_follows_recent_traffic():
     st = ServedStats("adaptive", window=100)
     st.add("s", [_served_entry(1, 4, 4) for _ in range(100)])

@@ -224,6 +224,10 @@ class StepEntry(BaseModel):
             raise ValueError("emitted_tokens must be empty or exactly `emitted` long")
         if len(self.confidence) not in (0, self.drafted):
             raise ValueError("confidence must be empty or one per drafted token")
+        # D18: the counts must agree with the tokens -- an accepted draft token is the token emitted there
+        n = min(self.accepted, self.emitted)
+        if self.draft_tokens and self.emitted_tokens and self.draft_tokens[:n] != self.emitted_tokens[:n]:
+            raise ValueError(f"accepted {self.accepted} but the emitted tokens differ from the draft within them")
         return self
 
 
