@@ -93,6 +93,7 @@ def status(svc: "SidecarService") -> dict[str, Any]:
         "last_publish_time": rec.time if rec else None,
         "logs_rejected": sum(svc.rejected_total().values()),
         "logs_lost": int(sum(svc.assembler.gaps.values())),
+        "log_disconnects": svc.puller.disconnects,  # incl. frames over max_message_bytes (libzmq drops both)
     }
     out["rejected"] = dict(list(svc.rejected_total().items())[:64])
     out["buffer_fill"] = {k: v for k, v in list(svc.buffer.fill().items())[:MAX_TENANTS_SHOWN]}

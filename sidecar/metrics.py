@@ -20,6 +20,10 @@ class SidecarMetrics:
         self.messages_rejected = Counter("adaspec_sidecar_messages_rejected",
                                          "Messages refused by the wire decoder, by channel and reason.",
                                          ["channel", "reason"], registry=r)
+        self.log_disconnects = Counter("adaspec_sidecar_log_disconnects",
+                                       "Log peer connections that ended: a frame over max_message_bytes is dropped "
+                                       "by libzmq with its connection (and servers that stop show here).",
+                                       registry=r)
         self.entries_rejected = Counter("adaspec_sidecar_entries_rejected",
                                         "Log entries refused (bad features or tokens), by reason.", ["reason"],
                                         registry=r)

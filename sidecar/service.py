@@ -161,6 +161,7 @@ class SidecarService:
         self._gate_counts: collections.Counter[str] = collections.Counter()
         self._seen_rejects: dict[tuple[str, str], int] = {}
         self._seen_gaps: dict[str, int] = {}
+        self._seen_disconnects = 0
         self._servers: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recently heard first
         self._last_gauges = 0.0
         self._labeled_tenants: set[str] = set()
@@ -489,6 +490,9 @@ class SidecarService:
                     (m.entries_rejected.labels(reason) if channel == "entries"
                      else m.messages_rejected.labels(channel, reason)).inc(delta)
                     self._seen_rejects[key] = n
+        if self.puller.disconnects > self._seen_disconnects:
+            m.log_disconnects.inc(self.puller.disconnects - self._seen_disconnects)
+            self._seen_disconnects = self.puller.disconnects
         for server, n in self.assembler.gaps.items():
             delta = n - self._seen_gaps.get(server, 0)
             if delta > 0:

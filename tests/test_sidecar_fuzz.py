@@ -200,10 +200,20 @@ def test_limits_and_oversized_payloads(rig):
     too_many = _batch_dict(rig, [_entry(request_id=f"x{i}") for i in range(65)])  # max_entries 64
     assert rig.send_log(_pack(too_many))
     assert rig.svc.puller.rejected["limit"] >= 1
-    # beyond max_message_bytes libzmq drops the frame (and the connection) before it is read: not even counted
-    rig.push.send(b"\x00" * (MAX_MESSAGE + 1))
-    for _ in range(50):
-        rig.svc.run_once()
+    # beyond max_message_bytes libzmq drops the frame and the connection before it is read (D19: that was
+    # counted nowhere): the dropped connection is counted, in status and as a metric
+    gone = rig.svc.puller.disconnects
+    for n in (MAX_MESSAGE + 1, 2 * MAX_MESSAGE, 10 * MAX_MESSAGE):
+        rig.push.send(b"\x00" * n)
+        for _ in range(400):
+            rig.svc.run_once()
+            if rig.svc.puller.disconnects > gone:
+                break
+        assert rig.svc.puller.disconnects == gone + 1, f"a {n}-byte frame left no trace"
+        gone += 1
+    rig.svc._update_gauges(force=True)
+    assert rig.svc.status()["log_disconnects"] == gone
+    assert rig.svc.registry.get_sample_value("adaspec_sidecar_log_disconnects_total") == gone
     assert rig.state() == before
     # ... and the sidecar still serves well-formed traffic afterwards
     rig.push.close(0)

@@ -230,12 +230,27 @@ class LogPuller:
             self._sock.close(linger=0)
             raise
         self.rejected: collections.Counter[str] = collections.Counter()
+        #: Log peers whose connection ended. libzmq drops a frame over `max_message_bytes` *and* the connection
+        #: that sent it before we can read a byte (D19: such frames were counted nowhere); this is their trace,
+        #: beside peers that simply went away (a server restart).
+        self.disconnects = 0
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+    def _count_disconnects(self) -> None:
+        while self._monitor.poll(0, zmq.POLLIN):
+            try:
+                self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.disconnects += 1
 
     def recv(self, timeout_ms: int) -> LogBatch | None:
         """The next valid batch, or None once `timeout_ms` passes without one."""
         deadline = _Deadline(timeout_ms)
         while True:
-            if not self._sock.poll(deadline.left_ms(), zmq.POLLIN):
+            ready = self._sock.poll(deadline.left_ms(), zmq.POLLIN)
+            self._count_disconnects()
+            if not ready:
                 return None
             data = self._sock.recv(zmq.NOBLOCK)
             try:
@@ -246,6 +261,11 @@ class LogPuller:
                 return None
 
     def close(self) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
 
