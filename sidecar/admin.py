@@ -91,6 +91,7 @@ def status(svc: "SidecarService") -> dict[str, Any]:
         "last_rollback": svc.rollbacks[-1]["reason"][:500] if svc.rollbacks else "",
         "checkpoint": svc.last_checkpoint,
         "last_publish_time": rec.time if rec else None,
+        "log_entries_received": svc.entries_received,
         "logs_rejected": sum(svc.rejected_total().values()),
         "logs_lost": int(sum(svc.assembler.gaps.values())),
         "log_disconnects": svc.puller.disconnects,  # incl. frames over max_message_bytes (libzmq drops both)

@@ -162,6 +162,7 @@ class SidecarService:
         self._seen_rejects: dict[tuple[str, str], int] = {}
         self._seen_gaps: dict[str, int] = {}
         self._seen_disconnects = 0
+        self.entries_received = 0  # log entries in valid batches (all servers; the metric has them by server)
         self._servers: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recently heard first
         self._last_gauges = 0.0
         self._labeled_tenants: set[str] = set()
@@ -343,6 +344,7 @@ class SidecarService:
             self._forget_server(next(iter(self._servers)))
         self.metrics.batches.labels(server).inc()
         self.metrics.entries.labels(server).inc(len(batch.entries))
+        self.entries_received += len(batch.entries)
         self.served.add(server, batch.entries)
         self._add_samples(self.assembler.add_batch(batch))
 
