@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import stat
@@ -485,3 +486,98 @@ def test_a_socket_we_may_not_use_is_reported_as_such(ctx, run_dir, monkeypatch):
     monkeypatch.setattr(T.os, "access", lambda path, mode: False)
     with pytest.raises(T.TransportError, match="permission denied"):
         T.Transport(TransportSettings(run_dir=run_dir), context=ctx).admin_client()
+
+
+def _free_tcp_endpoints(n: int) -> list[str]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    out = [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    for s in socks:
+        s.close()
+    return out
+
+
+def test_an_unknown_client_key_is_heard_on_none_of_the_four_sockets(tmp_path):
+    """TCP with an allow-list: a client whose key is listed reaches logs, weights, sync and admin; a client with
+    the server's public key but an unlisted key of its own reaches none of them. Without an allow-list the bind
+    is refused, unless the insecure mode is asked for by name (then the stranger is admitted: the control)."""
+    logs, weights, sync, admin = _free_tcp_endpoints(4)
+    endpoints = dict(logs_endpoint=logs, weights_endpoint=weights, sync_endpoint=sync, admin_endpoint=admin)
+    server_pub, server_sec = zmq.curve_keypair()
+    friend_pub, friend_sec = zmq.curve_keypair()
+    allowed = _allow(tmp_path, friend_pub)
+
+    def settings(pub, sec, **kw) -> TransportSettings:
+        return TransportSettings(run_dir=tmp_path / "run", curve_public_key=pub.decode(),
+                                 curve_secret_key=sec.decode(), request_timeout_ms=600, **endpoints, **kw)
+
+    def serve(t: T.Transport):
+        puller, publisher, admin_server = t.log_puller(), t.weight_publisher(), t.admin_server()
+        publisher.publish(WeightUpdate.build("eagle", 1, {"w": torch.ones(2)}))
+        stop = threading.Event()
+
+        def loop():
+            while not stop.is_set():
+                admin_server.handle_one(lambda req: AdminReply(ok=True, status={}), 50)
+
+        th = threading.Thread(target=loop, daemon=True)
+        th.start()
+
+        def close():
+            stop.set()
+            th.join(5)
+            puller.close(), publisher.close(), admin_server.close()
+
+        return puller, publisher, close
+
+    versions = itertools.count(2)
+
+    def heard(client: T.Transport, puller, publisher) -> dict[str, bool]:
+        out = {}
+        pusher = client.log_pusher()
+        wc = client.weight_client(["eagle"])
+        ac = client.admin_client()
+        try:
+            pusher.send(_batch("probe", 0))
+            out["logs"] = puller.recv(800) is not None
+            try:
+                out["sync"] = "eagle" in wc.sync("srv", {"eagle": 0}, timeout_ms=600).versions
+            except T.TransportTimeout:
+                out["sync"] = False
+            got = None
+            for _ in range(4):  # PUB: keep publishing while the subscriber (maybe) joins
+                publisher.publish(WeightUpdate.build("eagle", next(versions), {"w": torch.ones(2)}))
+                got = got or wc.recv(200)
+            out["weights"] = got is not None
+            try:
+                out["admin"] = ac.call("status", timeout_ms=600).ok
+            except T.TransportTimeout:
+                out["admin"] = False
+        finally:
+            pusher.close(), wc.close(), ac.close()
+        return out
+
+    server = T.Transport(settings(server_pub, server_sec, curve_authorized_keys_dir=allowed))
+    friend = T.Transport(settings(friend_pub, friend_sec, curve_server_key=server_pub.decode()))
+    stranger = T.Transport(settings(*zmq.curve_keypair(), curve_server_key=server_pub.decode()))
+    puller, publisher, close = serve(server)
+    try:
+        assert heard(friend, puller, publisher) == dict(logs=True, sync=True, weights=True, admin=True)
+        assert heard(stranger, puller, publisher) == dict(logs=False, sync=False, weights=False, admin=False)
+    finally:
+        close()
+        for t in (server, friend, stranger):
+            t.close()
+    with pytest.raises(T.TransportError, match="allow-list"):
+        T.Transport(settings(server_pub, server_sec)).log_puller()
+    server = T.Transport(settings(server_pub, server_sec, curve_allow_any_client=True))  # explicitly insecure
+    stranger = T.Transport(settings(*zmq.curve_keypair(), curve_server_key=server_pub.decode()))
+    puller, publisher, close = serve(server)
+    try:
+        assert heard(stranger, puller, publisher)["admin"] is True
+    finally:
+        close()
+        server.close(), stranger.close()

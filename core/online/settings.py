@@ -41,6 +41,10 @@ class CurveKeys:
     secret: bytes
     server_public: bytes | None = None
     authorized_dir: Path | None = None
+    #: Binding side, explicitly insecure: any client that knows the server's public key is admitted (traffic
+    #: is still encrypted). Only with `curve_allow_any_client`; without it and without an allow-list, tcp
+    #: binds are refused.
+    allow_any_client: bool = False
 
 
 def _z85_key(value: str, field: str) -> str:
@@ -85,6 +89,12 @@ class TransportSettings(BaseSettings):
     curve_authorized_keys_dir: Path | None = Field(
         default=None,
         description="Binding side: only clients whose public certificate is in this dir may connect (ZAP).",
+    )
+
+    curve_allow_any_client: bool = Field(
+        default=False,
+        description="INSECURE: bind tcp:// with CURVE but no allow-list, admitting any client that knows the "
+        "server's public key (it could pause, reset or export). For a trusted network only; say so explicitly.",
     )
 
     logs_sndhwm: int = Field(default=256, ge=1, le=1_000_000, description="Log batches queued per server before dropping.")
@@ -184,7 +194,7 @@ class TransportSettings(BaseSettings):
         server = self.curve_server_key.encode() if self.curve_server_key else None
         if server is None and self.curve_server_key_file is not None:
             server, _ = zmq.auth.load_certificate(self.curve_server_key_file)
-        return CurveKeys(public, secret, server, self.curve_authorized_keys_dir)
+        return CurveKeys(public, secret, server, self.curve_authorized_keys_dir, self.curve_allow_any_client)
 
     def wire_limits(self) -> WireLimits:
         return WireLimits(

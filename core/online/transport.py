@@ -65,16 +65,18 @@ _auth_lock = threading.Lock()
 _authenticators: dict[int, ThreadAuthenticator] = {}
 
 
-def _ensure_authenticator(ctx: zmq.Context, authorized_dir: Path) -> None:
-    """One ZAP handler per context, allowing only client certificates found in `authorized_dir`."""
+def _ensure_authenticator(ctx: zmq.Context, authorized_dir: Path | None) -> None:
+    """One ZAP handler per context, allowing only client certificates found in `authorized_dir` (None: any
+    client -- the explicit insecure mode)."""
     with _auth_lock:
         if id(ctx) in _authenticators:
             return
-        if not authorized_dir.is_dir():
+        if authorized_dir is not None and not authorized_dir.is_dir():
             raise TransportError(f"curve_authorized_keys_dir {authorized_dir} is not a directory")
         auth = ThreadAuthenticator(ctx)
         auth.start()
-        auth.configure_curve(domain=_ZAP_DOMAIN, location=str(authorized_dir))
+        auth.configure_curve(domain=_ZAP_DOMAIN,
+                             location=zmq.auth.CURVE_ALLOW_ANY if authorized_dir is None else str(authorized_dir))
         _authenticators[id(ctx)] = auth
 
 
@@ -102,11 +104,15 @@ def _secure(sock: zmq.Socket, endpoint: str, keys: CurveKeys | None, server: boo
     sock.curve_publickey = keys.public
     sock.curve_secretkey = keys.secret
     if server:
-        if keys.authorized_dir is None:  # D3: CURVE alone admits anyone who holds the server's public key
+        if keys.authorized_dir is None and keys.allow_any_client:
+            log.warning("binding %s with CURVE but no allow-list (curve_allow_any_client): any client that knows "
+                        "the server's public key is admitted", endpoint)
+        elif keys.authorized_dir is None:  # D3: CURVE alone admits anyone who holds the server's public key
             raise TransportError(
                 f"refusing to bind {endpoint} without an allow-list of client keys: set "
                 "ADASPEC_TRANSPORT_CURVE_AUTHORIZED_KEYS_DIR (a dir of the clients' public certificates); "
-                "CURVE without it lets anyone who knows the server's public key pause, reset or export"
+                "CURVE without it lets anyone who knows the server's public key pause, reset or export "
+                "(ADASPEC_TRANSPORT_CURVE_ALLOW_ANY_CLIENT=1 accepts that risk explicitly)"
             )
         sock.curve_server = True
         _ensure_authenticator(sock.context, keys.authorized_dir)
