@@ -16,7 +16,6 @@ import threading
 import time
 
 import msgpack
-import pytest
 import torch
 import zmq
 
