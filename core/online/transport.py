@@ -315,7 +315,11 @@ class ReqClient:
         if not self._sock.poll(deadline.left_ms(), zmq.POLLOUT):
             self._reset()
             raise TransportTimeout(f"{self._endpoint}: could not send within {deadline.total_ms} ms")
-        self._sock.send(data, zmq.NOBLOCK)
+        try:
+            self._sock.send(data, zmq.NOBLOCK)
+        except zmq.Again:  # the peer's pipe went away between poll and send (a refused CURVE handshake does that)
+            self._reset()
+            raise TransportTimeout(f"{self._endpoint}: could not send (the connection dropped)") from None
         if not self._sock.poll(deadline.left_ms(), zmq.POLLIN):
             self._reset()
             raise TransportTimeout(f"{self._endpoint}: no reply within {deadline.total_ms} ms")
