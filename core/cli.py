@@ -361,7 +361,11 @@ def bench_drift_cmd(
     phase: list[str] = typer.Option(
         [], "--phase", help="NAME=PATH[:N], repeatable, in stream order (default: mt_bench, humaneval, "
         "code_edit, gsm8k, mt_bench from the shared data dir)."),
-    per_phase: int = typer.Option(32, min=1, help="Requests per default phase (and N when a --phase omits it)."),
+    per_phase: int = typer.Option(32, min=1, help="Requests per default phase (and N when a --phase omits it); a "
+                                  "named stream's phases scale by per_phase / 32."),
+    stream: str = typer.Option("default", "--stream", help="Named stream: 'default' (mt_bench, humaneval, "
+                               "code_edit, gsm8k, mt_bench; 32 each) or 'code' (32 mt_bench, 64 Go, 64 Java, "
+                               "32 unseen mt_bench). --phase overrides it."),
     quick: bool = typer.Option(False, "--quick", help="Small stream (6 per phase, 32 tokens): replay <= 3 min, "
                                "--live --sidecar <= 5 min on a 2-core CPU."),
     live: bool = typer.Option(False, "--live", help="Run the reference engine end to end instead of replaying."),
@@ -375,6 +379,9 @@ def bench_drift_cmd(
     lookahead: int = typer.Option(6, "--lookahead", "-k", min=1, help="k of the fixed-k baselines."),
     window: int = typer.Option(16, min=1, help="Requests per tau window."),
     no_learn: bool = typer.Option(False, "--no-learn", help="Turn the adaptive drafter's online learning off."),
+    adaptive_kind: Optional[str] = typer.Option(
+        None, "--adaptive-kind", help="The adaptive drafter: 'mlp' (default; a light head the sidecar trains) or "
+        "'adapter' (the static head + an online adapter, learned in-process; version 0 drafts as static)."),
     costs: str = typer.Option(
         "measured", "--costs", help="Step costs: 'measured' (on this machine, cached), an assumed GPU profile "
         "('gpu-small-model': this 135M target; 'gpu-large-target': an 8B-70B-class target, goodput ~ tau), or a "
@@ -396,7 +403,7 @@ def bench_drift_cmd(
     from adaspec.core.controller import registry as policy_registry
     from adaspec.core.drift.bench import DriftArgs, run_drift
     from adaspec.core.drift.plot import plot_drift
-    from adaspec.core.drift.stream import default_phases, parse_phase
+    from adaspec.core.drift.stream import parse_phase, stream_phases
     from adaspec.core.drift.table import print_drift, print_profile
     from adaspec.core.errors import RequestError
     from adaspec.core.target import load_target
@@ -407,8 +414,11 @@ def bench_drift_cmd(
     if sidecar and not live:
         raise RequestError("--sidecar needs --live (a replay has no server to swap weights into)")
     sidecar = live if sidecar is None else sidecar
-    phases = [parse_phase(p, per_phase) for p in phase] or default_phases(per_phase)
-    s = _settings(config, model=model, cache_dir=cache_dir, temperature=0.0)
+    phases = [parse_phase(p, per_phase) for p in phase] or stream_phases(stream, per_phase)
+    kind = {} if adaptive_kind is None else {"adaptive_kind": adaptive_kind}
+    s = _settings(config, model=model, cache_dir=cache_dir, temperature=0.0, **kind)
+    if s.adaptive_kind == "adapter" and sidecar:
+        raise RequestError("--adaptive-kind adapter learns in-process only so far: add --in-process")
     target = load_target(s)
     # The hindsight oracle plans from recorded answers: live it would only repeat its replay (and cost a run).
     default = [n for n in policy_registry.names() if not (live and policy_registry.entry(n).needs_oracle)]

@@ -544,3 +544,22 @@ def test_rows_of_a_batched_drafter_fill_up_to_the_depth_the_batch_pays_for():
     assert a0.k == b0.k == 6  # the long chain sets the depth either way
     # the short one is priced its share of the head's steps per token alone, but the batch already runs 6 positions
     assert a1.k < b1.k <= 6, (a1.k, b1.k)
+
+
+def test_arctic_hybrid_takes_the_suffix_draft_only_when_its_score_reaches_k():
+    """Arctic Inference's rule: suffix when score (sum of cumulative probabilities) >= n_predict, else the model
+    speculator at n_predict; a step with nothing peeked (prefill) goes to the speculator."""
+    from adaspec.core.controller.baselines import ArcticHybridPolicy, suffix_score
+    from adaspec.core.controller.registry import make_policy
+
+    assert suffix_score(Draft([1, 2, 3], [1.0, 0.5, 0.5])) == pytest.approx(1.0 + 0.5 + 0.25)
+    policy = make_policy("arctic-hybrid", k=3)
+    assert isinstance(policy, ArcticHybridPolicy) and policy.peek == ("suffix",) and policy.peek_k >= 3
+    reqs = [state("a"), state("b"), state("c")]
+    strong = Draft(list(range(8)), [1.0] * 8)  # score 8 >= 3
+    weak = Draft([1, 2, 3, 4], [0.9, 0.5, 0.5, 0.5])  # score 0.9 + 0.45 + 0.225 + 0.11 < 3
+    policy.peeked("suffix", reqs, [strong, weak, Draft()])
+    assert policy.plan(reqs) == [Plan("suffix", 8), Plan("static", 3), Plan("static", 3)]
+    assert policy.plan(reqs) == [Plan("static", 3)] * 3  # nothing peeked this step
+    policy.peeked("suffix", reqs[:1], [Draft([1, 2, 3], [1.0, 1.0, 1.0])])  # exactly k: suffix
+    assert policy.plan(reqs[:1]) == [Plan("suffix", 3)]

@@ -63,6 +63,24 @@ def _outs(taus: list[float], phase: str = "p") -> list[RequestOutcome]:
     return [RequestOutcome(i, phase, int(t * 10), 10, 1.0, 0.0, {}) for i, t in enumerate(taus)]
 
 
+def test_the_code_stream_drifts_into_go_and_java_then_unseen_chat(data_dir):
+    from adaspec.core.drift.stream import stream_phases
+
+    phases = stream_phases("code", data_dir=data_dir)
+    assert [(p.name, p.count) for p in phases] == [("mt_bench", 32), ("go_code", 64), ("java_code", 64),
+                                                   ("mt_bench", 32)]
+    stream = build_stream(phases)
+    assert len(stream) == 192
+    first = {r.prompt_id for r in stream if r.phase == "mt_bench"}
+    back = {r.prompt_id for r in stream if r.phase == "mt_bench#2"}
+    assert len(first) == len(back) == 32 and not first & back  # the return to chat is unseen traffic
+    assert all("```go" in r.prompt for r in stream if r.phase == "go_code")
+    assert all("```java" in r.prompt for r in stream if r.phase == "java_code")
+    assert [p.count for p in stream_phases("code", per_phase=6, data_dir=data_dir)] == [6, 12, 12, 6]  # --quick
+    with pytest.raises(RequestError, match="unknown stream"):
+        stream_phases("nope", data_dir=data_dir)
+
+
 def test_windows_tau_and_recovery():
     outs = _outs([1, 1, 2, 2, 3])
     assert windows(outs, 2) == [1.0, 2.0, 3.0]
@@ -232,7 +250,9 @@ def test_cli_drift_json_plot_and_live_sidecar(data_dir, tmp_path):
                        timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
-    assert set(d["policies"]) == {"none", "static", "suffix", "adaptive", "sglang-ema", "atlas", "oracle"}
+    assert set(d["policies"]) == {"none", "static", "suffix", "adaptive", "sglang-ema", "arctic-hybrid", "atlas",
+                                  "oracle"}
+    assert "atlas_vs_every_policy_min_phase" in d["acceptance"] and "atlas_minus_arctic_hybrid_tau" in d["acceptance"]
     for pol in d["policies"].values():
         assert set(pol["phases"]) == {"chat", "code"} and len(pol["windows"]) == 2 and pol["tau"] >= 1.0
         assert all(p["tau"] >= 1.0 for p in pol["phases"].values())

@@ -1,5 +1,5 @@
 """Policies ATLAS is measured against (besides the fixed-k `FixedPolicy`): SGLang 0.5.17's
-`--speculative-adaptive`, and a hindsight oracle for trace replay. By name: `adaspec.core.controller.registry`.
+`--speculative-adaptive`, Arctic Inference's suffix + speculator hybrid, and a hindsight oracle for trace replay. By name: `adaspec.core.controller.registry`.
 
 SGLang re-implementation, followed line by line from the sglang 0.5.17 wheel:
 `sglang/srt/speculative/adaptive_spec_params.py` -- `DEFAULT_ADAPTIVE_CONFIG`, `_load_adaptive_config`,
@@ -21,6 +21,7 @@ from typing import Callable, Mapping, Sequence
 
 from adaspec.core.controller.costs import CostModel
 from adaspec.core.errors import ConfigError
+from adaspec.core.drafters.base import Draft
 from adaspec.core.step import Plan, PlanRequest, PolicyBase, StepRecord
 
 # -- SGLang 0.5.17 --speculative-adaptive ------------------------------------------------------------------------
@@ -181,6 +182,48 @@ class SGLangAdaptivePolicy(PolicyBase):
         decode = [r.accepted for r in records if not r.prefill]
         if decode:
             self.params.on_verify_complete(decode, batch_size=len(decode))
+
+
+# -- Arctic Inference's suffix + speculator hybrid ---------------------------------------------------------------
+
+
+def suffix_score(draft: Draft) -> float:
+    """A suffix draft's score as SuffixDecoding defines it: the sum of its tokens' cumulative probabilities
+    (the expected accepted length under the tree's frequency estimates)."""
+    score, prob = 0.0, 1.0
+    for p in draft.confidence:
+        prob *= p
+        score += prob
+    return score
+
+
+class ArcticHybridPolicy(PolicyBase):
+    """Snowflake Arctic Inference's hybrid, followed from `arctic_inference/vllm/model_runner.py` (the propose
+    path: a request's suffix draft is used when its score >= the model speculator's `n_predict`, otherwise the
+    speculator's `n_predict` tokens; the suffix draft may be as long as `suffix_speculative_tokens`, which
+    defaults to `suffix_cache_max_depth`) and its docs (docs/suffix-decoding.rst, docs/arctic-speculator.rst).
+    The model speculator here is the static head at lookahead k (Arctic's is an MLP/LSTM speculator trained
+    offline: the same role). No costs, no learning: a fixed rule per request and step."""
+
+    peek = ("suffix",)
+
+    def __init__(self, model_drafter: str = "static", k: int = 6, suffix_k: int = 32) -> None:
+        self.model_drafter, self.k, self.peek_k = model_drafter, k, suffix_k
+        self._suffix: dict[str, Draft] = {}
+
+    def peeked(self, drafter: str, requests: Sequence[PlanRequest], drafts: Sequence[Draft]) -> None:
+        self._suffix = {r.request_id: d for r, d in zip(requests, drafts)}
+
+    def plan(self, requests: Sequence[PlanRequest]) -> list[Plan]:
+        plans = []
+        for r in requests:
+            d = self._suffix.get(r.request_id)
+            if d is not None and d.tokens and suffix_score(d) >= self.k:
+                plans.append(Plan("suffix", len(d.tokens)))
+            else:
+                plans.append(Plan(self.model_drafter, self.k))
+        self._suffix = {}  # a prefill step peeks nothing: the speculator drafts
+        return plans
 
 
 # -- hindsight oracle for replay ----------------------------------------------------------------------------------

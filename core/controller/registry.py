@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from adaspec.core.controller.baselines import AcceptOracle, OraclePolicy, SGLangAdaptivePolicy
+from adaspec.core.controller.baselines import AcceptOracle, ArcticHybridPolicy, OraclePolicy, SGLangAdaptivePolicy
 from adaspec.core.controller.costs import CostModel
 from adaspec.core.controller.policy import AtlasPolicy
 from adaspec.core.controller.settings import ControllerSettings
@@ -137,6 +137,12 @@ def _adaptive(a: PolicyArgs) -> PolicyBase:
           aliases=("sglang-adaptive",))
 def _sglang_ema(a: PolicyArgs) -> PolicyBase:
     return SGLangAdaptivePolicy("static")
+
+
+@register("arctic-hybrid", "Arctic Inference's hybrid: the suffix draft when its score >= k, else the static "
+          "head at k", ("static", "suffix"))
+def _arctic_hybrid(a: PolicyArgs) -> PolicyBase:
+    return ArcticHybridPolicy("static", a.k)
 
 
 @register("atlas", "ATLAS: drafter and lookahead per request and step from calibrated confidence and costs",

@@ -210,28 +210,42 @@ def acceptance(out: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     res: dict[str, Any] = {"controller_us_ok": out["controller_us_per_request_step"] <= 50.0}
     if "atlas" in pol and "static" in pol:
         singles = [n for n in ("static", "suffix", "adaptive") if n in pol]
+        baselines = [n for n in (*singles, *BASELINE_POLICIES) if n in pol]
         res.update(_atlas_ratios(pol, labels, singles, lambda n, p: pol[n]["phases"][p]["tau"],
-                                 lambda n: pol[n]["windows"]))
+                                 lambda n: pol[n]["windows"], baselines))
         if "sglang-ema" in pol:
             res["atlas_minus_sglang_ema_tau"] = pol["atlas"]["tau"] - pol["sglang-ema"]["tau"]
+        if "arctic-hybrid" in pol:
+            res["atlas_minus_arctic_hybrid_tau"] = pol["atlas"]["tau"] - pol["arctic-hybrid"]["tau"]
         res["pass"] = _verdicts(res, res.get("atlas_minus_sglang_ema_tau", 1.0) > 0.0)
         # speed = 1 / modeled time on identical requests
         gp = _atlas_ratios(pol, labels, singles, lambda n, p: 1.0 / pol[n]["phases"][p]["modeled_s"],
-                           lambda n: [1.0 / t for t in pol[n]["windows_modeled_s"]])
+                           lambda n: [1.0 / t for t in pol[n]["windows_modeled_s"]], baselines)
         if "sglang-ema" in pol:
             gp["atlas_vs_sglang_ema"] = pol["sglang-ema"]["modeled_s"] / pol["atlas"]["modeled_s"]
+        if "arctic-hybrid" in pol:
+            gp["atlas_vs_arctic_hybrid"] = pol["arctic-hybrid"]["modeled_s"] / pol["atlas"]["modeled_s"]
         gp["pass"] = _verdicts(gp, gp.get("atlas_vs_sglang_ema", 2.0) > 1.0)
         res["goodput"] = gp
     return res
 
 
+#: Other systems' policies ATLAS is held against too (besides the single drafters).
+BASELINE_POLICIES = ("sglang-ema", "arctic-hybrid")
+
+
 def _atlas_ratios(pol: dict[str, Any], labels: list[str], singles: list[str],
-                  phase_score: Callable[[str, str], float], window_scores: Callable[[str], list[float]]
-                  ) -> dict[str, float]:
-    """ATLAS against static and the best single policy on a higher-is-better score (tau, or speed)."""
+                  phase_score: Callable[[str, str], float], window_scores: Callable[[str], list[float]],
+                  baselines: list[str] | None = None) -> dict[str, float]:
+    """ATLAS against static, the best single policy and every baseline policy on a higher-is-better score
+    (tau, or speed)."""
     later = labels[1:] or labels
     ratios = [phase_score("atlas", p) / max(1e-9, phase_score("static", p)) for p in later]
-    return {
+    out = {}
+    if baselines:
+        out["atlas_vs_every_policy_min_phase"] = min(
+            phase_score("atlas", p) / max(1e-9, max(phase_score(n, p) for n in baselines)) for p in labels)
+    return out | {
         "atlas_vs_static_later_phases": sum(ratios) / len(ratios),
         "atlas_vs_static_min_window": min(x / max(1e-9, y) for x, y in
                                           zip(window_scores("atlas"), window_scores("static"))),
@@ -247,4 +261,6 @@ def _verdicts(r: dict[str, float], beats_sglang_ema: bool) -> dict[str, bool]:
         "every_window_ge_1.0x": r["atlas_vs_static_min_window"] >= 1.0,
         "within_3pct_of_best_single": r["atlas_vs_best_single_min_phase"] >= 0.97,
         "beats_sglang_ema": beats_sglang_ema,
+        **({"ge_every_policy_every_phase": r["atlas_vs_every_policy_min_phase"] >= 1.0}
+           if "atlas_vs_every_policy_min_phase" in r else {}),
     }

@@ -1,7 +1,8 @@
 """The drift stream: phases of prompts read from JSONL files, served in order (one request after another).
 
 `--phase NAME=PATH[:N]` adds a phase; the default stream walks chat -> code -> code edits -> math -> chat,
-the kind of drift a static drafter decays under. A phase name may repeat (the stream returns to it); each
+the kind of drift a static drafter decays under; `--stream code` drifts from chat into Go and Java (languages
+nothing the static head trained on is written in) and back to unseen chat. A phase name may repeat (the stream returns to it); each
 occurrence takes the next unused prompts of its file, so the second MT-bench phase is unseen traffic.
 """
 
@@ -15,6 +16,13 @@ from adaspec.core.datasets import load_prompts, shared_data_dir
 from adaspec.core.errors import RequestError
 
 DEFAULT_PHASES = ("mt_bench", "humaneval", "code_edit", "gsm8k", "mt_bench")
+
+#: Named streams: (file stem, requests at the full size) per phase. `code` drifts into languages nothing in the
+#: static head's data is written in (real Go and Java completions), then back to unseen chat.
+STREAMS: dict[str, tuple[tuple[str, int], ...]] = {
+    "default": tuple((n, 32) for n in DEFAULT_PHASES),
+    "code": (("mt_bench", 32), ("go_code", 64), ("java_code", 64), ("mt_bench", 32)),
+}
 
 
 @dataclass(frozen=True)
@@ -53,8 +61,15 @@ def parse_phase(text: str, default_count: int) -> PhaseSpec:
 
 
 def default_phases(per_phase: int, data_dir: Path | None = None) -> list[PhaseSpec]:
+    return stream_phases("default", per_phase, data_dir)
+
+
+def stream_phases(name: str, per_phase: int = 32, data_dir: Path | None = None) -> list[PhaseSpec]:
+    """The phases of a named stream, each phase's size scaled by per_phase / 32 (the full size at 32)."""
+    if name not in STREAMS:
+        raise RequestError(f"unknown stream {name!r}: choose one of {', '.join(STREAMS)}")
     d = data_dir or shared_data_dir()
-    return [PhaseSpec(n, d / f"{n}.jsonl", per_phase) for n in DEFAULT_PHASES]
+    return [PhaseSpec(n, d / f"{n}.jsonl", max(1, round(count * per_phase / 32))) for n, count in STREAMS[name]]
 
 
 def build_stream(phases: Sequence[PhaseSpec]) -> list[StreamRequest]:
