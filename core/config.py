@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         description="Static drafter: an EAGLE-3 head dir (SGLang format). Unset: the head shipped for the pinned "
         "model, else <cache_dir>/heads/<model>/eagle3/final (what `adaspec train-static` writes).",
     )
+    adaptive_kind: Literal["mlp", "adapter"] = Field(
+        default="mlp",
+        description="Adaptive drafter: 'mlp' (a light head over the target's last hidden state, trained by the "
+        "sidecar from logs) or 'adapter' (the static head plus an online LoRA/residual adapter: version 0 drafts "
+        "as the static head does; learned in-process by the drift benchmark so far).",
+    )
+    adaptive_adapter_rank: int = Field(default=16, ge=1, le=512, description="Adapter kind: LoRA rank.")
     adaptive_inner_size: int = Field(
         default=1024, ge=1, le=65536, description="Adaptive drafter: width of its MLP (a fresh head's size)."
     )

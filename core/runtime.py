@@ -7,7 +7,7 @@ from typing import Sequence
 
 from adaspec.core.config import Settings
 from adaspec.core.drafters.base import Drafter
-from adaspec.core.drafters.registry import make_drafter, require_known
+from adaspec.core.drafters.registry import make_drafters, require_known
 from adaspec.core.engine.engine import GenerationResult, RequestSpec, SpecEngine
 from adaspec.core.step import FixedPolicy, PolicyBase
 from adaspec.core.engine.sampling import SamplingParams
@@ -28,13 +28,13 @@ class Runtime:
         names = list(dict.fromkeys(["none", *drafter_names]))
         require_known(names)
         target = target if target is not None else load_target(settings)
-        drafters = {n: make_drafter(n, settings, target) for n in names}
+        drafters = make_drafters(names, settings, target)
         engine = SpecEngine(target, drafters, settings.batch_size, settings.compact_holes_ratio)
         return cls(settings, target, drafters, engine)
 
     def reset_drafters(self) -> None:
         """Fresh drafter state (e.g. empty suffix caches), so one benchmark run cannot learn from another."""
-        self.drafters = {n: make_drafter(n, self.settings, self.target) for n in self.drafters}
+        self.drafters = make_drafters(list(self.drafters), self.settings, self.target)
         self.engine.drafters = dict(self.drafters)
 
     def sampling(self) -> SamplingParams:

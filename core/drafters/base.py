@@ -10,7 +10,7 @@ q used for exact rejection sampling. A drafter that returns no distribution is t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -99,6 +99,9 @@ class Drafter(Protocol):
     def finish(self, request: DraftRequest) -> None:
         """A request is complete (its full output is in request.tokens); drop per-request state."""
 
+    def share_with(self, drafters: Mapping[str, "Drafter"]) -> None:
+        """The engine's other drafters, after all are built (see `DrafterBase.share_with`)."""
+
 
 class DrafterBase:
     """`Drafter` with the optional parts declared: no hidden states, version 0, no per-request state."""
@@ -118,3 +121,7 @@ class DrafterBase:
 
     def finish(self, request: DraftRequest) -> None:
         """A request is complete."""
+
+    def share_with(self, drafters: Mapping[str, "Drafter"]) -> None:
+        """The other drafters of the same engine, once, after all are built: a drafter that can reuse one of
+        them (the adapted static head reuses the static drafter's cache) binds to it here."""

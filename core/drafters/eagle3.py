@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
@@ -23,6 +23,9 @@ from torch import Tensor
 from adaspec import kernels
 from adaspec.core.drafters.base import Draft, DraftRequest, DrafterBase, Observation
 from adaspec.core.heads.eagle3 import Eagle3Head
+
+if TYPE_CHECKING:
+    from adaspec.core.heads.static_adapter import StaticAdapter
 
 
 def default_head_dir(cache_dir: Path | str, model: str) -> Path:
@@ -63,6 +66,10 @@ class _HeadState:
     pre: Tensor | None = None  # pre-norm head output at the last committed position (fed back as hidden)
     first_id: int = -1
     first_p: float = 0.0
+    #: The last committed position's input pair (its token, its fused target features [d]): an adapted head
+    #: recomputes that one position's output with its own deltas against this shared cache.
+    last_token: int = -1
+    last_hidden: Tensor | None = None
     #: Committed positions not yet in the cache: ([n, width] fused-input features, the n pair tokens) chunks.
     backlog: list[tuple[Tensor, list[int]]] = field(default_factory=list)
     backlog_len: int = 0
@@ -155,7 +162,8 @@ class Eagle3Drafter(DrafterBase):
             positions[i] = st.length + torch.arange(C, device=dev).clamp(max=n - 1)
             valid[i, :n] = True
         past_k, past_v, past_valid = pad_past(states, dev)
-        pre, k, v = head.extend(tokens, head.fuse(aux), positions, past_k, past_v, past_valid, valid)
+        fused = head.fuse(aux)  # [B, C, d]
+        pre, k, v = head.extend(tokens, fused, positions, past_k, past_v, past_valid, valid)
         last = torch.stack([pre[i, st.backlog_len - 1] for i, st in enumerate(states)])  # [B, d]
         ids, probs = kernels.draft_topk(head.logits_hidden(last), head.lm_head_weight, 1)
         ids = head.to_target_ids(ids[:, 0]).tolist()
@@ -164,10 +172,19 @@ class Eagle3Drafter(DrafterBase):
             st.k = torch.cat([st.k, k[i, :, :n]], dim=1)
             st.v = torch.cat([st.v, v[i, :, :n]], dim=1)
             st.pre, st.first_id, st.first_p = last[i], int(ids[i]), float(probs[i, 0])
+            st.last_token, st.last_hidden = int(tokens[i, n - 1]), fused[i, n - 1].clone()
             st.backlog, st.backlog_len = [], 0
 
     @torch.inference_mode()
     def propose(self, requests: Sequence[DraftRequest], ks: Sequence[int]) -> list[Draft]:
+        return self.propose_with(requests, ks, None)
+
+    @torch.inference_mode()
+    def propose_with(self, requests: Sequence[DraftRequest], ks: Sequence[int],
+                     adapter: "StaticAdapter | None") -> list[Draft]:
+        """Greedy chains from this drafter's cache, by the head alone or with an adapter's deltas (the adaptive
+        speculator): the cache is the same for both (the adapter leaves k/v alone); with an adapter the last
+        committed position's output is recomputed with its deltas, one query row against the cache."""
         drafts = [Draft() for _ in requests]
         live = [i for i, r in enumerate(requests) if ks[i] > 0 and self._ready(r.request_id)]
         if not live:
@@ -175,18 +192,34 @@ class Eagle3Drafter(DrafterBase):
         head, dev = self.head, self.device
         states = [self.states[requests[i].request_id] for i in live]
         self._catch_up(states)
-        toks = [[st.first_id] for st in states]
-        confs = [[st.first_p] for st in states]
+        B = len(states)
         K = max(ks[i] for i in live)
-        if K > 1:
+        if adapter is not None or K > 1:
             past_k, past_v, past_valid = pad_past(states, dev)
-            B = len(states)
-            g = torch.stack([st.pre for st in states]).unsqueeze(1)
-            tok = torch.tensor([st.first_id for st in states], device=dev).unsqueeze(1)
+        if adapter is None:
+            g = torch.stack([st.pre for st in states]).unsqueeze(1)  # [B, 1, d]
+            first = [st.first_id for st in states]
+            toks = [[st.first_id] for st in states]
+            confs = [[st.first_p] for st in states]
+        else:
+            from adaspec.core.heads.eagle3 import masked_attention
+
+            h = torch.stack([st.last_hidden for st in states]).unsqueeze(1)  # [B, 1, d]
+            t = torch.tensor([st.last_token for st in states], device=dev).unsqueeze(1)  # [B, 1]
+            p = torch.tensor([st.length - 1 for st in states], device=dev).unsqueeze(1)  # [B, 1]
+            q, _, _ = adapter.qkv(head.embed(t), h, p)
+            g = adapter.finish(masked_attention(q, past_k, past_v, past_valid.unsqueeze(1)), h)  # [B, 1, d]
+            ids, probs = kernels.draft_topk(head.logits_hidden(g[:, 0]), head.lm_head_weight, 1)
+            first = head.to_target_ids(ids[:, 0]).tolist()
+            toks = [[int(x)] for x in first]
+            confs = [[float(x)] for x in probs[:, 0].tolist()]
+        extend = head.extend if adapter is None else adapter.extend
+        if K > 1:
+            tok = torch.tensor(first, device=dev).unsqueeze(1)
             pos = torch.tensor([st.length for st in states], device=dev).unsqueeze(1)
             one = torch.ones(B, 1, dtype=torch.bool, device=dev)
             for _ in range(K - 1):
-                pre, k, v = head.extend(tok, g, pos, past_k, past_v, past_valid, one)
+                pre, k, v = extend(tok, g, pos, past_k, past_v, past_valid, one)
                 past_k, past_v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
                 past_valid = torch.cat([past_valid, one], 1)
                 ids, probs = kernels.draft_topk(head.logits_hidden(pre[:, 0]), head.lm_head_weight, 1)

@@ -38,6 +38,14 @@ def make_drafter(name: str, settings: Settings, target: object | None = None) ->
     return _FACTORIES[name][0](settings, target)
 
 
+def make_drafters(names: Sequence[str], settings: Settings, target: object | None = None) -> dict[str, Drafter]:
+    """The drafters of one engine, by name, each told about the others (`share_with`) once all are built."""
+    drafters = {n: make_drafter(n, settings, target) for n in names}
+    for d in drafters.values():
+        d.share_with(drafters)
+    return drafters
+
+
 @register("none", "no drafting: plain decoding, one token per target forward")
 def _none(settings: Settings, target: object) -> Drafter:
     from adaspec.core.drafters.none import NoneDrafter
@@ -79,8 +87,11 @@ def _static(settings: Settings, target: object) -> Drafter:
     return Eagle3Drafter.from_path(path, target)
 
 
-@register("adaptive", "light MLP head over the target's last hidden state, fine-tuned online from traffic")
+@register("adaptive", "learned online from traffic: a light MLP head over the target's last hidden state "
+          "(kind mlp), or the static head plus an online adapter (kind adapter)")
 def _adaptive(settings: Settings, target: object) -> Drafter:
+    if settings.adaptive_kind == "adapter":
+        return _adapted_static(settings, target)
     from adaspec.core.drafters.adaptive import AdaptiveDrafter
     from adaspec.core.errors import ModelError
     from adaspec.core.heads.adaptive import AdaptiveHead, load_adaptive
@@ -106,3 +117,12 @@ def _adaptive(settings: Settings, target: object) -> Drafter:
         if ids is not None:
             head.set_draft_vocab(ids)
     return AdaptiveDrafter(head, collect=settings.adaptive_collect)
+
+
+def _adapted_static(settings: Settings, target: object) -> Drafter:
+    from adaspec.core.drafters.static_adapted import AdaptedStaticDrafter
+    from adaspec.core.heads.static_adapter import AdapterConfig, StaticAdapter
+
+    base = _static(settings, target)
+    adapter = StaticAdapter(base.head, AdapterConfig(rank=settings.adaptive_adapter_rank), seed=settings.seed)  # type: ignore[attr-defined]
+    return AdaptedStaticDrafter(base, adapter, collect=settings.adaptive_collect)  # type: ignore[arg-type]

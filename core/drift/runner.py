@@ -10,7 +10,8 @@ from typing import Any, Sequence
 from adaspec.core.config import Settings
 from adaspec.core.controller.settings import ControllerSettings
 from adaspec.core.drafters.adaptive import AdaptiveDrafter
-from adaspec.core.drafters.registry import make_drafter
+from adaspec.core.drafters.static_adapted import AdaptedStaticDrafter
+from adaspec.core.drafters.registry import make_drafters
 from adaspec.core.controller import registry as policy_registry
 from adaspec.core.drift.step_costs import StepCosts
 from adaspec.core.drift.metrics import ModeledClock, RequestOutcome, outcome
@@ -62,6 +63,7 @@ def run_policy(
     target: Any, settings: Settings, controller: ControllerSettings, costs: StepCosts, k: int,
     batch_size: int, max_new_tokens: int, live: bool = False, learn: bool = True,
     learner_kwargs: dict[str, Any] | None = None, sidecar: bool = False, online_costs: bool | None = None,
+    adapter_kwargs: dict[str, Any] | None = None,
 ) -> PolicyRun:
     """Fresh drafters (nothing carries over between policies), the stream in order, continuous batching.
     online_costs (default: live): the controller's cost model keeps learning from the steps it times; off, it
@@ -74,7 +76,7 @@ def run_policy(
     if external and not live:
         raise ValueError("a real sidecar needs the live engine (--live)")
     s = settings.model_copy(update={"adaptive_collect": 32768 if learning and not external else 0})
-    drafters = {n: make_drafter(n, s, target) for n in names}
+    drafters = make_drafters(names, s, target)
     if live:
         engine: SpecEngine = SpecEngine(target, drafters, batch_size=batch_size)
     else:
@@ -91,8 +93,16 @@ def run_policy(
     timed = TimedPolicy(policy)
     learner = None
     online = None
+    adapted = learning and isinstance(drafters["adaptive"], AdaptedStaticDrafter)
+    if external and adapted:
+        raise ValueError("the adapter kind of adaptive drafter learns in-process only so far (--in-process)")
     if external:
         online = _SidecarLink(engine, drafters["adaptive"], name, learner_kwargs)
+    elif adapted:
+        from adaspec.sidecar.adapter_learner import AdapterLearner, AdapterLearnerSettings
+
+        learner = AdapterLearner(drafters["adaptive"], AdapterLearnerSettings(**(adapter_kwargs or {})))
+        engine.between_steps.append(learner.between_steps)
     elif learning:
         from adaspec.sidecar.inprocess import InProcessSidecar  # the sidecar's own pipeline, run in-process
         from adaspec.sidecar.settings import SidecarSettings
