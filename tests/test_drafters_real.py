@@ -16,7 +16,9 @@ from adaspec.core.drift.replay_engine import TraceEngine
 from adaspec.core.engine.engine import RequestSpec
 from adaspec.core.step import FixedPolicy
 from adaspec.core.engine.sampling import SamplingParams
+from adaspec.core.drafters.eagle3 import resolve_static_head
 from adaspec.core.heads.adaptive import AdaptiveFeatures, AdaptiveHead, distill_targets
+from adaspec.core.heads.export_sglang import read_draft_vocab
 
 pytestmark = pytest.mark.model
 
@@ -24,10 +26,11 @@ NEW_TOKENS = 128
 #: Measured with the shipped head on the first 40 MT-bench prompts (what `adaspec bench tau -d mt_bench --drafter
 #: static --limit 40` reports): 1.349; on the first 80: 1.310 (MODEL_CARD.md, docs/results-cpu.md).
 STATIC_MT_BENCH_TAU = 1.30
-#: The issue's goal. Measured: +33.0% (tau 1.003 -> 1.334) after 14 passes of learn() over 2,000 code_edit
-#: tokens with the target's top-32 logits as labels, 1 thread (one-hot labels: +26.2%).
+#: The issue's goal. Measured, over the static head's draft vocabulary (as served): +32.4% (tau 1.005 -> 1.332)
+#: after 24 passes of learn() over 2,000 code_edit tokens with the target's top-32 logits as labels, in 41 s; over
+#: the full 49k vocabulary it took 14 passes (+33.0%, 1.003 -> 1.334) but 101-120 s (one-hot labels: +26.2%).
 ADAPTIVE_GAIN = 0.30
-ADAPTIVE_LR, ADAPTIVE_DECAY, ADAPTIVE_EPOCHS = 1e-3, 0.8, 14
+ADAPTIVE_LR, ADAPTIVE_DECAY, ADAPTIVE_EPOCHS = 1e-3, 0.8, 24
 
 
 def replay_tau(target, drafter, name, prompts, traces, k, new_tokens=NEW_TOKENS, batch_size=4):
@@ -47,7 +50,7 @@ def test_static_head_tau_on_mt_bench(real_runtime, real_settings, real_traces):
     assert tau >= STATIC_MT_BENCH_TAU
 
 
-def test_adaptive_head_learns_a_domain(real_runtime, real_traces):
+def test_adaptive_head_learns_a_domain(real_runtime, real_settings, real_traces):
     """learn() on 2,000 tokens of code_edit lifts tau on unseen code_edit prompts over the starting point.
 
     The labels are the target's own top-32 logits at each position (`distill_targets`: its LM head on the logged
@@ -57,6 +60,9 @@ def test_adaptive_head_learns_a_domain(real_runtime, real_traces):
     held_p, held_t = real_traces.get("code_edit", 12, offset=40)
     torch.manual_seed(0)
     head = AdaptiveHead.for_target(target, inner_size=1024, seed=0, lr=ADAPTIVE_LR, step_decay=ADAPTIVE_DECAY)
+    # as served (`adaptive_draft_vocab`): it drafts, and so learns, over the static head's draft vocabulary
+    head.set_draft_vocab(read_draft_vocab(resolve_static_head(real_settings.static_head_path, real_settings.cache_dir,
+                                                              real_settings.model)))
     drafter = AdaptiveDrafter(head, collect=1_000_000, unroll=3)
     before = replay_tau(target, drafter, "adaptive", held_p, held_t, k=4, batch_size=12)
     drafter.take_experience()  # nothing from the held-out prompts is trained on

@@ -350,3 +350,25 @@ def test_static_backlog_drafts_what_an_eager_cache_drafts(target, trained):
     assert lazy_drafts == eager_drafts and any(t for t, _ in lazy_drafts)
     assert lazy_observe_passes == 0 and eager_observe_passes > 6  # eager: a head pass at every step
     assert lazy_passes < eager_passes
+
+
+def test_adaptive_loss_over_a_draft_vocabulary_masks_what_it_cannot_draft():
+    """With a draft vocabulary the loss is the cross-entropy over those ids only (what is served), a target
+    outside it counts nowhere; without one it is the full-vocabulary cross-entropy (the control)."""
+    from adaspec.core.heads.adaptive import AdaptiveConfig, AdaptiveFeatures, AdaptiveHead
+
+    torch.manual_seed(0)
+    head = AdaptiveHead(AdaptiveConfig(hidden_size=8, vocab_size=20, inner_size=16), torch.randn(20, 8),
+                        torch.randn(20, 8))
+    with torch.no_grad():
+        head.down.weight.normal_()
+    feats = AdaptiveFeatures(torch.randn(6, 8), torch.randint(0, 20, (6,)))
+    y = torch.tensor([1, 3, 5, 7, 9, 11])
+    ids = torch.tensor([0, 1, 2, 3, 4, 5])  # 7, 9, 11 are outside
+    g = head.step(feats.hidden, feats.tokens).float()
+    full, _ = head.loss(feats, y)
+    assert torch.allclose(full, torch.nn.functional.cross_entropy(g @ head.lm_head_weight.T, y))
+    head.set_draft_vocab(ids)
+    draft, stats = head.loss(feats, y)
+    want = torch.nn.functional.cross_entropy(g[:3] @ head.lm_head_weight[ids].T, torch.tensor([1, 3, 5]))
+    assert torch.allclose(draft, want) and stats["tokens"] == 3.0

@@ -127,16 +127,20 @@ class AdaptiveHead(nn.Module):
         object.__setattr__(self, "lm_head_weight", lm_head_weight.detach())
         self.draft_ids: Tensor | None = None
         self.draft_lm_head: Tensor = self.lm_head_weight
+        self._draft_lut: Tensor | None = None
         self._optimizer: torch.optim.Optimizer | None = None
 
     def set_draft_vocab(self, ids: Tensor | None) -> None:
         """Draft over a subset of the vocabulary (EAGLE-3's d2t idea): each drafted token then reads only
         those LM-head rows, the dominant cost of a light head. Training still uses the full vocabulary."""
         if ids is None:
-            self.draft_ids, self.draft_lm_head = None, self.lm_head_weight
+            self.draft_ids, self.draft_lm_head, self._draft_lut = None, self.lm_head_weight, None
             return
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.lm_head_weight.device)
         self.draft_ids, self.draft_lm_head = ids, self.lm_head_weight[ids]
+        lut = torch.full((self.cfg.vocab_size,), -1, dtype=torch.long, device=ids.device)
+        lut[ids] = torch.arange(len(ids), device=ids.device)
+        self._draft_lut = lut  # target id -> draft index, -1 outside
 
     @classmethod
     def for_target(cls, target: Any, inner_size: int = 1024, seed: int = 0, **overrides: Any) -> "AdaptiveHead":
@@ -193,6 +197,8 @@ class AdaptiveHead(nn.Module):
 
         target_tokens [N] or [N, U] (IGNORE = no target). target_topk_logits, optional (ids, logits) each
         [N, U, k]: the target's top-k logits; then the loss is the soft cross-entropy against their softmax.
+        With a draft vocabulary the softmax is over it (what the head drafts from when served, at a fraction of
+        the cost): a target outside it is masked, and soft labels keep their ids inside it.
         """
         dev = self.up.weight.device
         tgt = target_tokens.to(dev).long()
@@ -207,18 +213,28 @@ class AdaptiveHead(nn.Module):
             if not bool(keep.any()):
                 break
             h = self.step(h, tok)
-            logits = h.float() @ self.lm_head_weight.float().T
+            lut = self._draft_lut
+            logits = h.float() @ self.draft_lm_head.float().T  # [N, V_draft] (the full V without one)
+            y_d = y.clamp(min=0) if lut is None else lut[y.clamp(min=0)]
             if target_topk_logits is not None:
                 ids, tl = (t.to(dev) for t in target_topk_logits)
-                logp = torch.log_softmax(logits, -1).gather(-1, ids[:, j].long())
-                per = -(torch.softmax(tl[:, j].float(), -1) * logp).sum(-1)
+                ids_j, tl_j = ids[:, j].long(), tl[:, j].float()
+                if lut is not None:
+                    ids_j = lut[ids_j]
+                    tl_j = tl_j.masked_fill(ids_j < 0, float("-inf"))
+                    keep = keep & (ids_j >= 0).any(-1)
+                logp = torch.log_softmax(logits, -1).gather(-1, ids_j.clamp(min=0))
+                p = torch.softmax(tl_j, -1).nan_to_num(0.0)
+                per = -(p * logp).sum(-1)
             else:
-                per = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
+                keep = keep & (y_d >= 0)
+                per = F.cross_entropy(logits, y_d.clamp(min=0), reduction="none")
             w = self.cfg.step_decay**j
-            total = total + w * per[keep].mean()
-            weight_sum += w
+            if bool(keep.any()):
+                total = total + w * per[keep].mean()
+                weight_sum += w
             if j == 0:
-                correct, counted = int((logits.argmax(-1) == y)[keep].sum()), int(keep.sum())
+                correct, counted = int((logits.argmax(-1) == y_d)[keep].sum()), int(keep.sum())
             alive = keep
             tok = y.clamp(min=0)
         loss = total / max(weight_sum, 1e-9)
