@@ -372,3 +372,36 @@ def test_adaptive_loss_over_a_draft_vocabulary_masks_what_it_cannot_draft():
     draft, stats = head.loss(feats, y)
     want = torch.nn.functional.cross_entropy(g[:3] @ head.lm_head_weight[ids].T, torch.tensor([1, 3, 5]))
     assert torch.allclose(draft, want) and stats["tokens"] == 3.0
+
+
+def test_adapter_chain_forward_equals_the_unrolled_training_pass_at_its_rows():
+    """The learner's row-wise pass (frozen step-0 cache computed once) computes what the full EAGLE-3 TTT pass
+    with the adapter computes at those rows; a fresh adapter leaves the static head's pass unchanged."""
+    from adaspec.core.heads.eagle3 import Eagle3Config, Eagle3Head
+    from adaspec.core.heads.static_adapter import AdapterConfig, StaticAdapter
+
+    torch.manual_seed(0)
+    cfg = Eagle3Config(hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8, vocab_size=50,
+                       aux_layers=(0, 1, 2), target_num_layers=4)
+    head = Eagle3Head(cfg, torch.randn(50, 32), torch.randn(50, 32))
+    for m in head.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.1)
+    B, T, steps = 2, 10, 3
+    tokens, aux = torch.randint(0, 50, (B, T + steps - 1)), torch.randn(B, T, 96)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, 7:] = False
+    adapter = StaticAdapter(head, AdapterConfig(rank=4, out_inner=16))
+    static = head.ttt_forward(tokens, aux, valid, steps)
+    for a, b in zip(head.ttt_forward(tokens, aux, valid, steps, layer=adapter), static):
+        assert torch.equal(a, b)  # version 0: bit-identical
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    full = head.ttt_forward(tokens, aux, valid, steps, layer=adapter)
+    rows = [torch.tensor([0, 3, 9]), torch.tensor([2, 6])]
+    part = adapter.chain_forward(tokens, aux, valid, steps, rows)
+    for i in range(steps):
+        ref = torch.cat([full[i][b, rows[b]] for b in range(B)])
+        assert torch.allclose(part[i], ref, atol=1e-5)
+        assert not torch.allclose(ref, torch.cat([static[i][b, rows[b]] for b in range(B)]), atol=1e-3)

@@ -213,13 +213,12 @@ class Eagle3Drafter(DrafterBase):
             first = head.to_target_ids(ids[:, 0]).tolist()
             toks = [[int(x)] for x in first]
             confs = [[float(x)] for x in probs[:, 0].tolist()]
-        extend = head.extend if adapter is None else adapter.extend
         if K > 1:
             tok = torch.tensor(first, device=dev).unsqueeze(1)
             pos = torch.tensor([st.length for st in states], device=dev).unsqueeze(1)
             one = torch.ones(B, 1, dtype=torch.bool, device=dev)
             for _ in range(K - 1):
-                pre, k, v = extend(tok, g, pos, past_k, past_v, past_valid, one)
+                pre, k, v = head.extend(tok, g, pos, past_k, past_v, past_valid, one, layer=adapter)
                 past_k, past_v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
                 past_valid = torch.cat([past_valid, one], 1)
                 ids, probs = kernels.draft_topk(head.logits_hidden(pre[:, 0]), head.lm_head_weight, 1)

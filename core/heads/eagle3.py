@@ -261,31 +261,35 @@ class Eagle3Head(nn.Module):
 
     def extend(
         self, tokens: Tensor, hidden: Tensor, positions: Tensor, past_k: Tensor, past_v: Tensor,
-        past_valid: Tensor, new_valid: Tensor,
+        past_valid: Tensor, new_valid: Tensor, layer: Any = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One draft-layer pass over a right-padded chunk with a per-row KV prefix.
 
         tokens/positions [B,C], hidden [B,C,d] (already fused), past k/v [B,Hkv,S,hd] with past_valid
-        [B,S], new_valid [B,C]. Returns (pre [B,C,d], k [B,Hkv,C,hd], v) for the caller to keep.
+        [B,S], new_valid [B,C]. Returns (pre [B,C,d], k [B,Hkv,C,hd], v) for the caller to keep. `layer`: what
+        computes qkv/finish (default the draft layer; a `StaticAdapter` adds its deltas).
         """
-        q, k, v = self.midlayer.qkv(self.embed(tokens), hidden, positions)
+        layer = layer if layer is not None else self.midlayer
+        q, k, v = layer.qkv(self.embed(tokens), hidden, positions)
         C = tokens.shape[1]
         causal = torch.ones(C, C, dtype=torch.bool, device=tokens.device).tril()
         new_mask = causal.unsqueeze(0) & new_valid.unsqueeze(1)
         new_mask |= torch.eye(C, dtype=torch.bool, device=tokens.device).unsqueeze(0)  # padding rows: no NaN
         mask = torch.cat([past_valid.unsqueeze(1).expand(-1, C, -1), new_mask], dim=-1)
         attn = masked_attention(q, torch.cat([past_k, k], 2), torch.cat([past_v, v], 2), mask)
-        return self.midlayer.finish(attn, hidden), k, v
+        return layer.finish(attn, hidden), k, v
 
-    def ttt_forward(self, tokens: Tensor, aux: Tensor, valid: Tensor, steps: int) -> list[Tensor]:
+    def ttt_forward(self, tokens: Tensor, aux: Tensor, valid: Tensor, steps: int, layer: Any = None) -> list[Tensor]:
         """EAGLE-3 training-time test: `steps` unrolled draft passes over whole sequences.
 
         tokens [B, T+steps-1]: step i at index t reads token tokens[:, t+i] (the token after position t+i);
         aux [B,T,n*d] target features at positions 0..T-1; valid [B,T]. Step 0 attends causally to step-0
         keys; step i>0 additionally sees only its own chain's keys (the diagonal of steps 1..i) and feeds on
         the previous step's own output, exactly the attention pattern of drafting i tokens past position t.
-        Returns the normed hidden [B,T,d] of every step (step i predicts the token at t+2+i).
+        Returns the normed hidden [B,T,d] of every step (step i predicts the token at t+2+i). `layer` as in
+        `extend`.
         """
+        layer = layer if layer is not None else self.midlayer
         B, T = valid.shape
         h = self.fuse(aux)
         positions = torch.arange(T, device=aux.device).unsqueeze(0).expand(B, T)
@@ -297,7 +301,7 @@ class Eagle3Head(nn.Module):
         values: list[Tensor] = []
         outs: list[Tensor] = []
         for i in range(steps):
-            q, k, v = self.midlayer.qkv(self.embed(tokens[:, i : i + T]), h, positions + i)
+            q, k, v = layer.qkv(self.embed(tokens[:, i : i + T]), h, positions + i)
             keys.append(repeat_kv(k, groups))
             values.append(repeat_kv(v, groups))
             s0 = (q @ keys[0].transpose(-1, -2)) * scale
@@ -307,7 +311,7 @@ class Eagle3Head(nn.Module):
             attn = p[..., :T] @ values[0]
             for j, vj in enumerate(values[1:]):
                 attn = attn + p[..., T + j : T + j + 1] * vj
-            pre = self.midlayer.finish(attn, h)
+            pre = layer.finish(attn, h)
             outs.append(self.logits_hidden(pre))
             h = pre
         return outs

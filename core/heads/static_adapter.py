@@ -9,6 +9,7 @@ draft layer, trained online while the static weights stay frozen:
     mlp  = down(silu(gate(n) + Bg Ag n) * (up(n) + Bu Au n)) + Bd Ad (...)
     pre' = pre + W2 silu(W1 rmsnorm(pre))            # residual output adapter (W2 starts at zero)
 
+It plugs into `Eagle3Head.extend` / `ttt_forward` as their `layer` (it has the draft layer's qkv/finish).
 k/v projections (and fc, the norms, the embedding and LM head) are untouched, so the keys and values the
 static head caches over committed positions are exactly this head's too: the adaptive drafter reuses the
 static drafter's cache and pays only its own chain. Every B and W2 starts at zero, so version 0 drafts
@@ -105,53 +106,6 @@ class StaticAdapter(nn.Module):
         act = F.silu(mlp.gate_proj(n) + self.gate(n)) * (mlp.up_proj(n) + self.up(n))
         pre = mlp.down_proj(act) + self.down(act) + r
         return pre + self.out_down(F.silu(self.out_up(self.out_norm(pre))))
-
-    def extend(self, tokens: Tensor, hidden: Tensor, positions: Tensor, past_k: Tensor, past_v: Tensor,
-               past_valid: Tensor, new_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`Eagle3Head.extend` with the adapter: (pre [B,C,d], k, v) over a chunk with a per-row KV prefix."""
-        from adaspec.core.heads.eagle3 import masked_attention
-
-        head = self.head
-        q, k, v = self.qkv(head.embed(tokens), hidden, positions)
-        C = tokens.shape[1]
-        causal = torch.ones(C, C, dtype=torch.bool, device=tokens.device).tril()
-        new_mask = causal.unsqueeze(0) & new_valid.unsqueeze(1)
-        new_mask |= torch.eye(C, dtype=torch.bool, device=tokens.device).unsqueeze(0)
-        mask = torch.cat([past_valid.unsqueeze(1).expand(-1, C, -1), new_mask], dim=-1)
-        attn = masked_attention(q, torch.cat([past_k, k], 2), torch.cat([past_v, v], 2), mask)
-        return self.finish(attn, hidden), k, v
-
-    def ttt_forward(self, tokens: Tensor, aux: Tensor, valid: Tensor, steps: int) -> list[Tensor]:
-        """`Eagle3Head.ttt_forward` with the adapter: the normed hidden [B,T,d] of every unrolled step (step i
-        at position t predicts the token at t+2+i, feeding on the previous step's adapted output)."""
-        from adaspec.core.heads.eagle3 import repeat_kv
-
-        head = self.head
-        B, T = valid.shape
-        h = head.fuse(aux)
-        positions = torch.arange(T, device=aux.device).unsqueeze(0).expand(B, T)
-        mask0 = torch.ones(T, T, dtype=torch.bool, device=aux.device).tril().unsqueeze(0) & valid.unsqueeze(1)
-        mask0 = mask0 | torch.eye(T, dtype=torch.bool, device=aux.device).unsqueeze(0)
-        scale = head.cfg.head_dim ** -0.5
-        groups = head.cfg.num_heads // head.cfg.num_kv_heads
-        keys: list[Tensor] = []
-        values: list[Tensor] = []
-        outs: list[Tensor] = []
-        for i in range(steps):
-            q, k, v = self.qkv(head.embed(tokens[:, i : i + T]), h, positions + i)
-            keys.append(repeat_kv(k, groups))
-            values.append(repeat_kv(v, groups))
-            s0 = (q @ keys[0].transpose(-1, -2)) * scale
-            s0 = s0.masked_fill(~mask0.unsqueeze(1), float("-inf"))
-            diag = [(q * kj).sum(-1, keepdim=True) * scale for kj in keys[1:]]
-            p = torch.softmax(torch.cat([s0, *diag], dim=-1).float(), dim=-1).to(q.dtype)
-            attn = p[..., :T] @ values[0]
-            for j, vj in enumerate(values[1:]):
-                attn = attn + p[..., T + j : T + j + 1] * vj
-            pre = self.finish(attn, h)
-            outs.append(head.logits_hidden(pre))
-            h = pre
-        return outs
 
     def chain_forward(self, tokens: Tensor, aux: Tensor, valid: Tensor, steps: int,
                       rows: list[Tensor]) -> list[Tensor]:
