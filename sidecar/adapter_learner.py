@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import math
-import zlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -26,6 +25,7 @@ from torch import Tensor
 from adaspec.core.drafters.static_adapted import AdaptedStaticDrafter, AdapterStream
 from adaspec.core.heads.static_adapter import StaticAdapter
 from adaspec.core.online.weights import copy_into
+from adaspec.sidecar.samples import is_heldout
 
 
 NO_LABEL = -1  # past the stream's end
@@ -184,7 +184,7 @@ class AdapterLearner:
         drafter.on_experience = self._on_experience
 
     def _heldout(self, request_id: str) -> bool:
-        return zlib.crc32(f"adapter\0{request_id}".encode()) / 2**32 < self.s.holdout_fraction
+        return is_heldout("adapter", request_id, self.s.holdout_fraction)
 
     def _on_experience(self, stream: AdapterStream) -> None:
         if len(stream) < 4:

@@ -9,7 +9,6 @@ copied in place into the serving drafter's head (what a weight swap does in a se
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -19,7 +18,7 @@ from adaspec.core.heads.adaptive import AdaptiveFeatures, AdaptiveHead
 from adaspec.core.online.weights import copy_into
 from adaspec.sidecar.gate import decide
 from adaspec.sidecar.buffer import ReplayBuffer
-from adaspec.sidecar.samples import Samples
+from adaspec.sidecar.samples import Samples, is_heldout
 from adaspec.sidecar.settings import SidecarSettings
 from adaspec.sidecar.trainer import Trainer
 
@@ -64,7 +63,7 @@ class InProcessSidecar:
         drafter.on_experience = self._on_experience
 
     def _heldout(self, request_id: str) -> bool:
-        return zlib.crc32(f"{self.tenant_key}\0{request_id}".encode()) / 2**32 < self.s.holdout_fraction
+        return is_heldout(self.tenant_key, request_id, self.s.holdout_fraction)
 
     def _on_experience(self, request_id: str, feats: AdaptiveFeatures, targets: Tensor) -> None:
         held = self._heldout(request_id)

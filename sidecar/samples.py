@@ -60,6 +60,14 @@ class _Stream:
     touched: float = 0.0
 
 
+def is_heldout(source: str, request_id: str, fraction: float) -> bool:
+    """A stable per-request split (crc32 of the ids), so one request never feeds both sides: the held-out rule
+    of every learner (the sidecar's assembler, the in-process ones)."""
+    if fraction <= 0.0:
+        return False
+    return zlib.crc32(f"{source}\0{request_id}".encode()) / 2**32 < fraction
+
+
 class StreamAssembler:
     """Stitches validated entries into per-request streams and cuts them into samples."""
 
@@ -104,11 +112,7 @@ class StreamAssembler:
         return self._take()
 
     def is_heldout(self, server_id: str, request_id: str) -> bool:
-        """A stable per-request split (crc32 of the ids), so one request never feeds both sides."""
-        if self.holdout_fraction <= 0.0:
-            return False
-        h = zlib.crc32(f"{server_id}\0{request_id}".encode()) / 2**32
-        return h < self.holdout_fraction
+        return is_heldout(server_id, request_id, self.holdout_fraction)
 
     # -- internals ------------------------------------------------------------------------------------------
     def forget_server(self, server: str) -> None:

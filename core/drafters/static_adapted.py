@@ -42,7 +42,6 @@ class _Collect:
     rows: list[Tensor] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     next_token: int = -1
-    n: int = 0
 
 
 class AdaptedStaticDrafter(DrafterBase):
@@ -91,12 +90,11 @@ class AdaptedStaticDrafter(DrafterBase):
             c = self._collect.get(o.request_id)
             if c is None or o.hidden is None or not o.tokens:
                 continue
-            if c.n + len(o.tokens) > self.max_stream:  # bounded memory: a very long request stops collecting
+            if len(c.tokens) + len(o.tokens) > self.max_stream:  # bounded memory: a very long request stops collecting
                 continue
             c.rows.append(o.hidden.reshape(len(o.tokens), width).to("cpu", torch.bfloat16, copy=True))
             c.tokens.extend(o.tokens)
             c.next_token = o.next_token
-            c.n += len(o.tokens)
 
     def propose(self, requests: Sequence[DraftRequest], ks: Sequence[int]) -> list[Draft]:
         return self.base.propose_with(requests, ks, self.adapter)
