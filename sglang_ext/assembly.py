@@ -24,7 +24,7 @@ from adaspec.core.drafters.registry import make_drafter
 from adaspec.core.errors import ConfigError
 from adaspec.core.heads.adaptive import AdaptiveHead
 from adaspec.core.heads.adaptive_base import read_base
-from adaspec.sglang_ext.logs import BackgroundSender, PublisherSink
+from adaspec.sglang_ext.logs import BackgroundSender, DeviceBudget, PublisherSink
 from adaspec.sglang_ext.metrics import plugin_metrics
 from adaspec.sglang_ext.runtime import STATIC, AtlasRuntime
 from adaspec.sglang_ext.settings import PluginSettings
@@ -34,16 +34,22 @@ log = logging.getLogger(__name__)
 
 def adaptive_head(base_path: Path, embed: torch.Tensor, lm_head: torch.Tensor) -> AdaptiveHead | None:
     """The adaptive head at the base's version 0 over the target's own embedding/LM head; None without a base.
-    A base made for another model (other vocab or width) is a ConfigError."""
+
+    SGLang pads the vocabulary of its embedding and LM head (`VocabParallelEmbedding` rounds it up to a
+    multiple of 64), so the served tensors may have more rows than the base's HF vocabulary: the head uses
+    their first `vocab_size` rows (views, no copy). A base made for another model (fewer rows, other width)
+    is a ConfigError."""
     if not base_path.is_file():
         log.warning("adaspec: no adaptive head base at %s (the sidecar writes it); adaptive drafter off", base_path)
         return None
     base = read_base(base_path)
     cfg = base.config
-    if tuple(embed.shape) != (cfg.vocab_size, cfg.hidden_size) or tuple(lm_head.shape) != tuple(embed.shape):
-        raise ConfigError(f"head base {base_path} is for vocab x hidden {(cfg.vocab_size, cfg.hidden_size)}; "
-                          f"the served model has {tuple(embed.shape)}")
-    head = AdaptiveHead(cfg, embed, lm_head)
+    rows, width = cfg.vocab_size, cfg.hidden_size
+    for name, t in (("embedding", embed), ("LM head", lm_head)):
+        if t.dim() != 2 or t.shape[0] < rows or t.shape[1] != width:
+            raise ConfigError(f"head base {base_path} is for vocab x hidden {(rows, width)}; the served model's "
+                              f"{name} is {tuple(t.shape)}")
+    head = AdaptiveHead(cfg, embed[:rows], lm_head[:rows])
     head.load_state_dict(base.init, strict=True)
     return head.to(embed.device).eval()
 
@@ -58,7 +64,11 @@ def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, 
     stagers = []
     if "adaptive" in settings.drafters:
         embed, head_w = target_worker.model_runner.model.get_embed_and_head()
-        head = adaptive_head(settings.base_path(), embed, head_w)
+        try:
+            head = adaptive_head(settings.base_path(), embed, head_w)
+        except ConfigError as exc:  # serve with the other drafters rather than not at all
+            log.error("adaspec: %s; adaptive drafter off", exc)
+            head = None
         if head is not None:
             from adaspec.core.online.weights import WeightStager
 
@@ -91,7 +101,8 @@ def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, 
     runtime = AtlasRuntime(
         policy, drafters, settings.candidate_steps, static=static, stagers=stagers, sender=sender,
         listeners=[engine_metrics], feature_sample_rate=settings.feature_sample_rate if sender else 0.0,
-        metrics=pm, seed=settings.seed,
+        feature_budget=DeviceBudget(int(settings.log_feature_mib * 2**20)) if sender else None,
+        downshift_after=settings.downshift_after, metrics=pm, seed=settings.seed,
     )
     runtime.closers = closers
     runtime.link = link

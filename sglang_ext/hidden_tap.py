@@ -55,7 +55,7 @@ class FinalHiddenTap:
             if lens is None:
                 return
             last = torch.cumsum(lens.to(hidden_states.device, torch.int64), 0) - 1
-            self.prefill_last = hidden_states.index_select(0, last).clone()
+            self.prefill_last = hidden_states.index_select(0, last)  # a new tensor: index_select copies
 
     def verify_hidden(self, rows: int) -> Tensor | None:
         """The first `rows` rows of the last verify (a view of the persistent buffer: copy what you keep)."""

@@ -52,6 +52,13 @@ CALL_SITES: tuple[tuple[str, str], ...] = (
      "self.model_worker.on_verify_complete_cpu("),
     ("sglang.srt.managers.scheduler.Scheduler.init_overlap", "self.spec_algorithm.create_future_map("),
     ("sglang.srt.arg_groups.speculative_hook.handle_speculative_decoding", "algo.validate_server_args(server_args)"),
+    # prefill_done: a prefill batch carries the still-chunked request (worker.prefill_done)
+    ("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", "chunked_req=self.chunked_req"),
+    # StepStates: the switch logs the line worker.quiet_state_switches filters and records the override that
+    # states.compact_overrides trims from the context's log
+    ("sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.apply_runtime_state", '"Switch adaptive runtime state: "'),
+    ("sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.apply_runtime_state", '"adaptive_spec.restore"'),
+    ("sglang.srt.runtime_context.RuntimeContext.override", "self._overrides_log.append((source, dict(fields)))"),
 )
 
 

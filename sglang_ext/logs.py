@@ -95,19 +95,50 @@ class BackgroundSender:
         self._thread.join(timeout)
 
 
+class DeviceBudget:
+    """Bytes of device memory that queued log features may hold: taken on the serving thread when a step's
+    features are copied, given back by the sender thread once they are on the host (or the step is dropped).
+    Without it a lagging sender could pin `queue length x batch x (S+1) x d x 4` bytes outside SGLang's
+    memory budget (about 1.8 GB for d=4096, bs=48, S=8, 256 steps)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = int(limit_bytes)
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.held + nbytes > self.limit:
+                return False
+            self.held += nbytes
+            return True
+
+    def give(self, nbytes: int) -> None:
+        with self._lock:
+            self.held = max(0, self.held - nbytes)
+
+
 class StepLogs:
     """One step's records (each carries the weight version it drafted with, stamped on the serving thread: by
     the time the sender encodes them a newer version may already be in place) and, when the records' features
     are device tensors, the event after which they are computed (the sender thread waits on it before
-    copying them to the host, so the serving thread never synchronises for logs)."""
+    copying them to the host, so the serving thread never synchronises for logs). `release()` returns the
+    features' bytes to the device budget they were taken from (once: after sending, or when dropped)."""
 
-    __slots__ = ("records", "ready")
+    __slots__ = ("records", "ready", "feature_bytes", "budget")
 
-    def __init__(self, records: Sequence[Any], ready: Any = None) -> None:
+    def __init__(self, records: Sequence[Any], ready: Any = None, feature_bytes: int = 0,
+                 budget: DeviceBudget | None = None) -> None:
         self.records, self.ready = records, ready
+        self.feature_bytes, self.budget = feature_bytes, budget
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def release(self) -> None:
+        if self.budget is not None and self.feature_bytes:
+            self.budget.give(self.feature_bytes)
+        self.feature_bytes = 0
 
 
 class PublisherSink:
@@ -117,9 +148,12 @@ class PublisherSink:
         self.publisher = publisher
 
     def __call__(self, item: Any) -> None:
-        if isinstance(item, StepLogs):
+        if not isinstance(item, StepLogs):
+            self.publisher(item)
+            return
+        try:
             if item.ready is not None:
                 item.ready.synchronize()
-            self.publisher(item.records)
-        else:
-            self.publisher(item)
+            self.publisher(item.records)  # encodes the features: host copies from here on
+        finally:
+            item.release()

@@ -17,7 +17,8 @@ from adaspec.core.metrics import K_BUCKETS, EngineMetrics, per_registry
 
 
 class PluginMetrics:
-    """What only the SGLang worker knows: batch step counts, skipped EAGLE forwards, dropped log steps."""
+    """What only the SGLang worker knows: batch step counts, state switches, skipped EAGLE forwards, glue
+    errors, dropped log steps and features."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.batch_steps = Histogram("adaspec_sglang_batch_steps",
@@ -29,6 +30,14 @@ class PluginMetrics:
         self.logs_dropped = Counter("adaspec_sglang_log_steps_dropped",
                                     "Steps of acceptance logs dropped because the sender queue was full.",
                                     registry=registry)
+        self.state_switches = Counter("adaspec_sglang_state_switches",
+                                      "Runtime-state (step count) switches of the worker.", registry=registry)
+        self.glue_errors = Counter("adaspec_sglang_glue_errors",
+                                   "Failures inside the plugin's glue (batch start, planning, prefill, verify "
+                                   "complete), each caught and served past.", ["where"], registry=registry)
+        self.features_skipped = Counter("adaspec_sglang_log_features_skipped",
+                                        "Sampled requests logged without hidden states because the log queue "
+                                        "held its device-memory budget.", registry=registry)
         self.goodput = Gauge("adaspec_sglang_controller_goodput", "Controller's planned batch goodput (tokens/s).",
                              multiprocess_mode="mostrecent", registry=registry)
 

@@ -4,13 +4,19 @@
 and lists/tensors, so all of its logic runs (and is tested) on CPU with fakes:
 
 1. `begin_batch()` -- first thing of every batch: staged weight updates are copied in place (the adaptive
-   head's `WeightStager`), so a whole step drafts with one complete version and CUDA graphs stay valid.
+   head's `WeightStager`), so a whole step drafts with one complete version and CUDA graphs stay valid
+   (`safe_begin_batch`: a failure there is counted and logged, never raised into the scheduler).
 2. `plan(rows)` -- drafters learn about new requests and drop departed ones; the controller
    (`AtlasPolicy`) picks drafter and lookahead per request; the CPU drafters (suffix, adaptive) propose and
-   the controller trims; the batch's step count is the smallest pre-captured one covering the longest chain.
+   the controller trims; the batch's step count is the smallest pre-captured one covering the longest chain,
+   with hysteresis (`StickySteps`: a runtime-state switch is not free).
 3. `complete(plan, accept_lens, tokens, verified)` -- after verify, on the CPU copy of the results: one
-   `StepRecord` per request (exactly what was verified), controller feedback, drafter observations, metrics,
-   and the records queued for the sidecar (`BackgroundSender`: never blocks).
+   `StepRecord` per request, controller feedback, drafter observations, metrics, and the records queued for
+   the sidecar (`BackgroundSender`: never blocks). A chain row records what its drafter proposed (as the
+   reference engine does), not the padded width SGLang verified.
+
+Nothing here walks a request's whole context per step: a request's tokens are a `JoinedTokens` view over
+SGLang's own arrays.
 """
 
 from __future__ import annotations
@@ -25,10 +31,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from adaspec.core.drafters.base import Draft, Drafter, DraftRequest, Observation
+from adaspec.core.drafters.base import Draft, Drafter, DraftRequest, JoinedTokens, Observation
 from adaspec.core.step import Plan, PolicyBase, StepRecord, peek_drafts, propose_chains
-from adaspec.sglang_ext.chain import batch_steps
-from adaspec.sglang_ext.logs import StepLogs
+from adaspec.sglang_ext.logs import DeviceBudget, StepLogs
+from adaspec.sglang_ext.states import StickySteps
 
 STATIC = "static"
 log = logging.getLogger(__name__)
@@ -44,8 +50,9 @@ class ReqView:
     output: Sequence[int]
     max_new_tokens: int
 
-    def tokens(self) -> list[int]:
-        return list(self.prompt) + list(self.output)
+    def tokens(self) -> JoinedTokens:
+        """prompt + output, as a view (no copy of either)."""
+        return JoinedTokens(self.prompt, self.output)
 
     def draft_request(self) -> DraftRequest:
         return DraftRequest(self.request_id, self.tokens(), len(self.prompt), self.tenant)
@@ -84,6 +91,11 @@ class StepPlan:
     def chain_tokens(self) -> list[list[int] | None]:
         return [None if c is None else list(c.tokens) for c in self.chains]
 
+    def pads(self) -> list[int]:
+        """What pads each chain row to the batch's width: the request's last token (the draft root), so an
+        empty row repeats the context rather than verifying an arbitrary id."""
+        return [r.last_token for r in self.rows]
+
 
 class AtlasRuntime:
     """Controller + CPU drafters + logs + weight swaps for one worker; SGLang-free."""
@@ -100,19 +112,24 @@ class AtlasRuntime:
         listeners: Sequence[Callable[[list[StepRecord]], Any]] = (),
         adaptive: str | None = "adaptive",
         feature_sample_rate: float = 0.0,
+        feature_budget: DeviceBudget | None = None,
+        downshift_after: int = 0,
         metrics: Any = None,
         seed: int = 0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.policy = policy
         self.drafters = dict(drafters)
-        self.candidates = sorted(candidate_steps)
+        self.steps_chooser = StickySteps(candidate_steps, downshift_after)
         self.static = static
         self.stagers = list(stagers)
         self.sender = sender
         self.listeners = list(listeners)
         self.adaptive = adaptive if adaptive in self.drafters else None
         self.feature_sample_rate = feature_sample_rate
+        #: Bounds the device memory of hidden-state copies waiting in the log queue (None: unbounded).
+        self.feature_budget = feature_budget
+        self.features_skipped = 0
         self.metrics = metrics  # PluginMetrics (batch steps, skipped EAGLE forwards, goodput) or None
         self.seed = seed
         self.clock = clock
@@ -125,6 +142,21 @@ class AtlasRuntime:
         #: Sidecar liveness (`core.link_guard.LinkGuard`, attached to the policy), checked at batch start.
         self.link: Any = None
         self.plan_errors = 0
+        self.begin_errors = 0
+
+    @property
+    def candidates(self) -> list[int]:
+        """Step counts with a pre-captured runtime state, ascending."""
+        return self.steps_chooser.candidates
+
+    @candidates.setter
+    def candidates(self, steps: Sequence[int]) -> None:
+        self.steps_chooser = StickySteps(steps, self.steps_chooser.downshift_after)
+
+    def warm_up(self) -> None:
+        """Each drafter compiles/allocates now (server start-up) rather than on its first request."""
+        for d in self.drafters.values():
+            d.warm_up()
 
     def close(self) -> None:
         """Stop background threads and sockets (scheduler shutdown, tests)."""
@@ -148,6 +180,19 @@ class AtlasRuntime:
                 self.swaps.append((self.step, p))
                 pause += p
         return pause
+
+    def safe_begin_batch(self) -> float:
+        """`begin_batch`, but a bad staged tensor or a link-guard bug never stops serving: counted, logged
+        (first and every 1000th), and the batch runs with the weights already in place."""
+        try:
+            return self.begin_batch()
+        except Exception:
+            self.begin_errors += 1
+            if self.metrics is not None:
+                self.metrics.glue_errors.labels("batch start").inc()
+            if self.begin_errors == 1 or self.begin_errors % 1000 == 0:
+                log.exception("adaspec ATLAS: batch start failed (%d so far); serving continues", self.begin_errors)
+            return 0.0
 
     # -- 2. plan ------------------------------------------------------------------------------------------------
     def sync(self, rows: Sequence[ReqView]) -> None:
@@ -220,7 +265,7 @@ class AtlasRuntime:
                                 reqs, peeked)
         chains: list[Draft | None] = [None if n == STATIC else d for n, d in zip(names, drafts)]
         want = [ks[i] if c is None else len(c.tokens) for i, c in enumerate(chains)]
-        steps = batch_steps(want, self.candidates)
+        steps = self.steps_chooser.choose(want)
         if steps == 0:  # no drafting at all this step: SGLang's trivial one-node verify
             names = [None] * len(rows)
             chains = [Draft() for _ in rows]
@@ -244,10 +289,13 @@ class AtlasRuntime:
             return self.plan(rows)
         except Exception:
             self.plan_errors += 1
+            if self.metrics is not None:
+                self.metrics.glue_errors.labels("planning").inc()
             if self.plan_errors == 1 or self.plan_errors % 1000 == 0:
                 log.exception("adaspec ATLAS: planning failed (%d so far); EAGLE-3 fallback", self.plan_errors)
             rows = list(rows)
             steps = self.candidates[-1] if self.static else 0
+            self.steps_chooser.force(steps)
             name = STATIC if steps else None
             return StepPlan(self.step, rows, [name] * len(rows), [steps] * len(rows),
                             [None if steps else Draft() for _ in rows], steps, 0.0)
@@ -264,7 +312,12 @@ class AtlasRuntime:
         """Records of a verified step. `accept_lens[i]` = accepted drafts + 1 (SGLang's), `tokens` the flat
         [bs * (S+1)] predictions (request i's committed tokens start at i*(S+1)), `verified` the flat verify
         input (root then the S drafts per request), `hidden` the target's final hidden states [bs*(S+1), d]
-        (optional: the adaptive drafter's input and the sidecar's features)."""
+        (optional: the adaptive drafter's input and the sidecar's features).
+
+        A static row records S drafted (EAGLE drafted S). A chain row records what its drafter proposed --
+        k as planned, its chain's tokens and confidences -- as the reference engine does; when the target also
+        accepted some of the padding (the chain's last token repeated), those tokens are drafted and accepted
+        too (they were verified and are emitted), so `emitted <= accepted + 1` holds as on every path."""
         S = plan.steps
         stride = S + 1
         bs = len(plan.rows)
@@ -282,22 +335,25 @@ class AtlasRuntime:
             name = plan.drafters[i]
             chain = plan.chains[i]
             if chain is None:  # EAGLE's chain: topk-1 SGLang exposes no per-token probabilities
-                conf = [1.0] * S
-            else:
-                conf = [float(c) for c in chain.confidence[:S]] + [0.0] * max(0, S - len(chain.confidence))
+                k, drafted, conf = S, S, [1.0] * S
+            else:  # a CPU drafter's chain (or nothing, name None), padded to S with its last token
+                n = min(len(chain.tokens), S)
+                drafted = max(n, a)  # accepted padding counts as drafted: it was verified and is emitted
+                conf = [float(c) for c in chain.confidence[:n]]
+                conf += [conf[-1] if conf else 0.0] * (drafted - n)
+                k = max(min(int(plan.ks[i]), S) if name else 0, drafted)
             emitted = [int(t) for t in tokens[base : base + a + 1]]
             rec = StepRecord(
-                step=plan.step, request_id=row.request_id, tenant=row.tenant, drafter=name, k=S, drafted=S,
-                accepted=a, emitted=a + 1, confidence=conf, batch_size=bs, chunk_tokens=stride,
-                draft_s=plan.draft_s, verify_s=verify_s, prefill=False,
-                draft_tokens=[int(t) for t in verified[base + 1 : base + stride]], emitted_tokens=emitted,
+                step=plan.step, request_id=row.request_id, tenant=row.tenant, drafter=name, k=k,
+                drafted=drafted, accepted=a, emitted=a + 1, confidence=conf,
+                batch_size=bs, chunk_tokens=stride, draft_s=plan.draft_s, verify_s=verify_s, prefill=False,
+                draft_tokens=[int(t) for t in verified[base + 1 : base + 1 + drafted]], emitted_tokens=emitted,
                 weight_version=versions.get(name, 0) if name else 0,
             )
-            if hidden is not None and self._sampled(row.request_id):
-                rec.features = hidden[base : base + a + 1].detach().float().clone()  # the buffer is reused
             records.append(rec)
             kept = [int(verified[base])] + emitted[:-1]
             obs.append(Observation(row.request_id, kept, None, emitted[-1]))
+        feature_bytes = 0 if hidden is None else self._attach_features(records, accept_lens, stride, hidden)
         self.policy.feedback(records)
         for name, d in self.drafters.items():
             if name == self.adaptive:
@@ -314,8 +370,36 @@ class AtlasRuntime:
             if hidden is not None and hidden.is_cuda:  # features are queued device copies: mark when done
                 ready = torch.cuda.Event()
                 ready.record()
-            self.sender.submit(StepLogs(records, ready))
+            item = StepLogs(records, ready, feature_bytes, self.feature_budget)
+            if not self.sender.submit(item):
+                item.release()
+        elif self.feature_budget is not None:
+            self.feature_budget.give(feature_bytes)
         return records
+
+    def _attach_features(self, records: list[StepRecord], accept_lens: Sequence[int], stride: int,
+                         hidden: Tensor) -> int:
+        """The kept positions' hidden states of the sampled requests, copied out of the reused tap buffer with
+        one gather (record i's features are a view into it), within the log queue's device-memory budget;
+        returns the bytes taken from the budget."""
+        sampled = [i for i, r in enumerate(records) if self._sampled(r.request_id)]
+        if not sampled:
+            return 0
+        spans = [(i * stride, int(accept_lens[i])) for i in sampled]
+        rows = sum(n for _, n in spans)
+        nbytes = rows * hidden.shape[-1] * 4  # float32 copies
+        if self.feature_budget is not None and not self.feature_budget.take(nbytes):
+            self.features_skipped += len(sampled)
+            if self.metrics is not None:
+                self.metrics.features_skipped.inc(len(sampled))
+            return 0
+        idx = torch.tensor([b + j for b, n in spans for j in range(n)], device=hidden.device)
+        gathered = hidden.detach().index_select(0, idx).float()  # [rows, d], a copy: the tap buffer is reused
+        off = 0
+        for i, (_, n) in zip(sampled, spans):
+            records[i].features = gathered[off : off + n]
+            off += n
+        return nbytes if self.feature_budget is not None else 0
 
     def observe_hidden(self, obs: Sequence[Observation], last_hidden: Tensor) -> None:
         """Hand the adaptive drafter each request's final hidden state at its last committed position

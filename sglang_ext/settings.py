@@ -47,11 +47,24 @@ class PluginSettings(BaseSettings):
         description="Head base file of the adaptive drafter (written by the sidecar). Unset: "
         "<cache>/sidecar/base.safetensors; when missing the adaptive drafter is off.",
     )
+    downshift_after: int = Field(
+        default=8, ge=0, le=10_000,
+        description="Batches in a row that a smaller runtime state would cover before the worker switches down "
+        "to it (up is immediate). A switch costs SGLang an INFO line, two device tensors and an override-log "
+        "entry; 0 switches on every batch.",
+    )
     server_id: str = Field(default="", description="Name in the logs sent to the sidecar ('' = sglang-<host>-<pid>).")
     sidecar: bool = Field(default=True, description="Ship acceptance logs to the sidecar and follow its weights.")
     feature_sample_rate: float = Field(
-        default=1.0, ge=0.0, le=1.0,
-        description="Share of requests whose logs carry target hidden states (what the sidecar trains on).",
+        default=0.1, ge=0.0, le=1.0,
+        description="Share of requests whose logs carry target hidden states (what the sidecar trains on). "
+        "Each sampled row is a device copy held until the sender thread ships it, so this bounds both the "
+        "copies per step and the GPU memory the log queue holds.",
+    )
+    log_feature_mib: float = Field(
+        default=256.0, gt=0.0, le=65536.0,
+        description="Most MiB of hidden-state copies the log queue may hold on the device; a step whose "
+        "features would exceed it is logged without them (counted).",
     )
     log_queue: int = Field(
         default=256, ge=1, le=1_000_000,

@@ -48,6 +48,12 @@ def validate_atlas_args(server_args: Any) -> None:
                          f"got {sa.speculative_num_draft_tokens}")
     if sa.speculative_adaptive:
         raise ValueError("--speculative-adaptive is SGLang's own step controller; ATLAS replaces it: drop the flag")
+    for flag in ("speculative_accept_threshold_single", "speculative_accept_threshold_acc"):
+        value = getattr(sa, flag, 1.0)
+        if value != 1.0:
+            # eagle_utils.py:819-820 hands both to the sampling verify kernel; below 1.0 it accepts drafts the
+            # target would not have sampled, so outputs would no longer follow the target's distribution.
+            raise ValueError(f"ATLAS is lossless only with --{flag.replace('_', '-')} 1.0 (got {value}): drop it")
     if sa.speculative_use_rejection_sampling:
         raise ValueError("--speculative-use-rejection-sampling needs EAGLE's draft probabilities on every row; "
                          "ATLAS verifies deterministic chains with SGLang's target-only rule instead: drop it")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from importlib import metadata
 
+from packaging.version import InvalidVersion, Version
+
 from adaspec.core.errors import AdaspecError
 
 SGLANG_VERSION = "0.5.17"
@@ -33,11 +35,22 @@ def require_sglang() -> str:
             f"adaspec's SGLang plugin needs sglang=={SGLANG_VERSION}, which is not installed "
             f"(pip install 'adaspec[sglang]')"
         )
-    if found != SGLANG_VERSION:
+    if not same_release(found):
         raise SGLangUnavailable(
             f"adaspec's SGLang plugin is written against sglang=={SGLANG_VERSION}; found sglang {found}"
         )
     return found
+
+
+def same_release(found: str) -> bool:
+    """Whether `found` is SGLANG_VERSION or a post/local build of it (0.5.17.post1, 0.5.17+cu130): those
+    keep the release's internals more often than not, so they are admitted -- `plugin.load` then checks
+    every hook point before registering anything."""
+    try:
+        return Version(found).release == Version(SGLANG_VERSION).release and Version(found).pre is None \
+            and Version(found).dev is None
+    except InvalidVersion:
+        return False
 
 
 def import_failure(what: str, exc: BaseException) -> SGLangUnavailable:

@@ -2,11 +2,13 @@
 
 Per decode batch (`forward_batch_generation`, overridden; everything not named here is SGLang's code):
 
-1. staged weight updates of the adaptive head are copied in place (`AtlasRuntime.begin_batch`) -- before any
-   forward of the batch, so CUDA graphs (which read the same storage) stay valid and a step uses one version;
+1. staged weight updates of the adaptive head are copied in place (`AtlasRuntime.safe_begin_batch`) -- before
+   any forward of the batch, so CUDA graphs (which read the same storage) stay valid and a step uses one
+   version;
 2. the controller plans drafter and lookahead per request; the batch's step count is the smallest
-   pre-captured runtime state covering the longest chain, applied with `EAGLEWorkerV2.apply_runtime_state`
-   (what `--speculative-adaptive` does, `StepStates`);
+   pre-captured runtime state covering the longest chain, with hysteresis (`states.StickySteps`), applied
+   with `EAGLEWorkerV2.apply_runtime_state` (what `--speculative-adaptive` does, `StepStates`); SGLang's
+   INFO line per switch is filtered and its override log compacted, so nothing grows per step;
 3. drafts: rows on the static drafter come from SGLang's own EAGLE-3 path, `EagleDraftWorker.draft`, with our
    exported head as the draft model, untouched; suffix/adaptive rows are written over them (same topk-1
    chain verify input, `chain.overlay_chains`); when no row uses EAGLE its forward is skipped and the chain
@@ -33,7 +35,7 @@ from adaspec.sglang_ext.version import SGLANG_VERSION, import_failure
 try:
     from sglang.srt.layers.moe.utils import speculative_moe_a2a_backend_context, speculative_moe_backend_context
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
-    from sglang.srt.runtime_context import get_exec, get_schedule
+    from sglang.srt.runtime_context import get_context, get_exec, get_schedule
     from sglang.srt.speculative.adaptive_runtime_state import SpecRuntimeState
     from sglang.srt.speculative.eagle_info import EagleDraftInput
     from sglang.srt.speculative.eagle_utils import get_draft_recurrent_hidden_state_spec
@@ -44,11 +46,11 @@ try:
 except Exception as exc:  # e.g. a CPU-only install: say which SGLang is expected, not a bare ImportError
     raise import_failure("sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2", exc) from exc
 
-from adaspec.sglang_ext.chain import overlay_chains
+from adaspec.sglang_ext.chain import ChainStager, overlay_chains
 from adaspec.sglang_ext.hidden_tap import TAP
 from adaspec.sglang_ext.runtime import AtlasRuntime, ReqView, StepPlan
 from adaspec.sglang_ext.settings import PluginSettings, load_plugin_settings
-from adaspec.sglang_ext.states import StepStates
+from adaspec.sglang_ext.states import RESTORE_SOURCE, StepStates, compact_overrides
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +66,27 @@ def req_view(req: Any) -> ReqView:
     )
 
 
-def prefill_done(req: Any) -> bool:
-    """Whether this extend finished the request's prefill (a chunked prefill's earlier chunks do not)."""
-    fill = getattr(req, "fill_ids", None)
-    return fill is None or len(fill) >= len(req.origin_input_ids) + len(req.output_ids)
+def prefill_done(req: Any, batch: Any) -> bool:
+    """Whether this extend finished the request's prefill. A chunked prefill's earlier chunks do not: the
+    scheduler hands every prefill batch its still-unfinished chunked request as `batch.chunked_req`
+    (sglang 0.5.17 `managers/scheduler.py:3177-3179,3299`; `add_chunked_req` returns the request while it is
+    truncated, None once its last chunk is scheduled)."""
+    return req is not getattr(batch, "chunked_req", None)
+
+
+class _DropSwitchLines(logging.Filter):
+    """SGLang logs an INFO line on every runtime-state switch (`eagle_worker_v2.py:1382`); ATLAS switches
+    often enough that it would flood the log. The switches are counted in `adaspec_sglang_state_switches`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Switch adaptive runtime state")
+
+
+def quiet_state_switches() -> None:
+    """Install the filter once on SGLang's worker logger (other lines of that logger stay)."""
+    logger = logging.getLogger("sglang.srt.speculative.eagle_worker_v2")
+    if not any(isinstance(f, _DropSwitchLines) for f in logger.filters):
+        logger.addFilter(_DropSwitchLines())
 
 
 class AtlasWorkerV2(EAGLEWorkerV2):
@@ -76,13 +95,16 @@ class AtlasWorkerV2(EAGLEWorkerV2):
     def __init__(self, server_args, gpu_id, ps, nccl_port, target_worker) -> None:
         super().__init__(server_args, gpu_id, ps, nccl_port, target_worker)
         self.settings: PluginSettings = load_plugin_settings()
-        self.step_states = StepStates(self, self.settings.candidate_steps)
+        self.step_states = StepStates(self, self.settings.candidate_steps, after_switch=self._after_switch)
+        quiet_state_switches()
         self.server_id = self.settings.server_id or f"sglang-{socket.gethostname()}-{os.getpid()}"
         self._pending: tuple[StepPlan, torch.Tensor, Any] | None = None
         self._glue_errors = 0
         from adaspec.sglang_ext.assembly import build_runtime
 
         self.runtime: AtlasRuntime = build_runtime(self.settings, self.server_id, self._target_worker, self.device)
+        self.stager = ChainStager(max(get_schedule().max_running_requests or 1, 1), self.settings.max_steps,
+                                  self.device)
         log.info("adaspec ATLAS worker (sglang %s): drafters %s, candidate steps %s", SGLANG_VERSION,
                  ["static"] + list(self.runtime.drafters), list(self.settings.candidate_steps))
 
@@ -121,10 +143,11 @@ class AtlasWorkerV2(EAGLEWorkerV2):
               speculative_moe_backend_context(), speculative_moe_a2a_backend_context()):
             self.step_states.build_all(graph_bs)
         self.runtime.candidates = sorted(self.step_states.states)
+        self.runtime.warm_up()  # e.g. the adaptive head's Triton kernel compiles here, not mid-serving
 
     # -- serving -------------------------------------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None):
-        self.runtime.begin_batch()  # in-place weight swap, before anything of this batch runs
+        self.runtime.safe_begin_batch()  # in-place weight swap, before anything of this batch runs
         if batch.forward_mode.is_extend() or batch.is_extend_in_batch or batch.forward_mode.is_idle():
             out = super().forward_batch_generation(batch, on_publish=on_publish, grammar_barrier=grammar_barrier)
             if not batch.forward_mode.is_idle():
@@ -166,12 +189,12 @@ class AtlasWorkerV2(EAGLEWorkerV2):
             verify_input = self.draft_worker.draft(batch)  # SGLang's EAGLE-3 draft, unchanged
             if any(c is not None for c in chains):
                 rows = verify_input.draft_token.view(bs, steps + 1)
-                rows[:, 1:] = overlay_chains(rows[:, 1:], chains, steps, self.device)
+                rows[:, 1:] = overlay_chains(rows[:, 1:], chains, steps, self.device, plan.pads(), self.stager)
             return verify_input
         dw = self._draft_worker
         return build_eagle_verify_input(
             batch, batch.spec_info, dw._topk1_parents_prealloc[:bs], dw._topk1_score_indices_prealloc[:bs],
-            overlay_chains(None, chains, steps, self.device), None,
+            overlay_chains(None, chains, steps, self.device, plan.pads(), self.stager), None,
             target_worker=self.target_worker, topk=1, num_steps=steps, num_draft_tokens=steps + 1,
             tree_mask_mode=dw.tree_mask_mode, device=self.device,
         )
@@ -179,14 +202,16 @@ class AtlasWorkerV2(EAGLEWorkerV2):
     def _after_prefill(self, batch, out) -> None:
         try:
             last = TAP.take_prefill()
-            done = [i for i, r in enumerate(batch.reqs) if prefill_done(r)]
+            done = [i for i, r in enumerate(batch.reqs) if prefill_done(r, batch)]
             if not done:
                 return
-            idx = torch.tensor(done, device=out.next_token_ids.device)
-            hidden = None if last is None or last.shape[0] != len(batch.reqs) else last.index_select(
-                0, idx.to(last.device))
-            self.runtime.prefilled([req_view(batch.reqs[i]) for i in done], hidden,
-                                   out.next_token_ids.index_select(0, idx))
+            hidden = None if last is None or last.shape[0] != len(batch.reqs) else last
+            nxt = out.next_token_ids
+            if len(done) < len(batch.reqs):  # a chunked request is mid-prompt: keep the others' rows
+                idx = torch.tensor(done, device=nxt.device)
+                nxt = nxt.index_select(0, idx)
+                hidden = None if hidden is None else hidden.index_select(0, idx.to(hidden.device))
+            self.runtime.prefilled([req_view(batch.reqs[i]) for i in done], hidden, nxt)
         except Exception:
             self._glue_error("after prefill")
 
@@ -204,7 +229,19 @@ class AtlasWorkerV2(EAGLEWorkerV2):
         except Exception:
             self._glue_error("verify complete")
 
+    def _after_switch(self, old: int, new: int) -> None:
+        """After each runtime-state switch: count it and keep SGLang's override log from growing."""
+        try:
+            compact_overrides(get_context()._overrides_log, RESTORE_SOURCE)
+            if self.runtime.metrics is not None:
+                self.runtime.metrics.state_switches.inc()
+        except Exception:
+            self._glue_error("state switch")
+
     def _glue_error(self, where: str) -> None:
         self._glue_errors += 1
+        metrics = getattr(getattr(self, "runtime", None), "metrics", None)
+        if metrics is not None:
+            metrics.glue_errors.labels(where).inc()
         if self._glue_errors == 1 or self._glue_errors % 1000 == 0:
             log.exception("adaspec ATLAS: %s failed (%d so far); serving continues", where, self._glue_errors)

@@ -297,6 +297,9 @@ def _worker_steps():
     worker.topk = 1
     worker._pending, worker._glue_errors = None, 0
     worker.runtime = AtlasRuntime(policy, {"suffix": Suffix()}, [0, 2, 4])
+    from adaspec.sglang_ext.chain import ChainStager
+
+    worker.stager = ChainStager(2, 4, "cpu")
     applied = []
 
     def apply(state):
@@ -334,6 +337,47 @@ def _worker_steps():
         worker.forward_batch_generation(batch)
         worker.on_verify_complete_cpu([1, 1] if worker.speculative_num_steps else [0, 0], batch_size=2)
         out[name] = {"steps": worker.speculative_num_steps, "calls": calls[:], "errors": worker._glue_errors}
+
+    # a chunked prefill: the batch's `chunked_req` (still mid-prompt) is not done; the other request is
+    from adaspec.sglang_ext.hidden_tap import TAP
+
+    TAP.take_prefill()
+    a, b = req("p1"), req("p2")
+    extend = SimpleNamespace(reqs=[a, b], chunked_req=b)
+    worker._after_prefill(extend, SimpleNamespace(next_token_ids=torch.tensor([7, 8])))
+    last = SimpleNamespace(reqs=[b], chunked_req=None)  # its last chunk
+    worker._after_prefill(last, SimpleNamespace(next_token_ids=torch.tensor([9])))
+    out["prefilled"] = [[r.request_id for r in rows] for rows, _, _ in worker.runtime._prefills]
+    out["prefill_done_real_attr"] = wm.prefill_done(a, SimpleNamespace(chunked_req=None))
     return out
+
+
+@check("state_switch_lines_filtered")
+def _quiet():
+    """The worker filters SGLang's per-switch INFO line from its real logger, and only that line."""
+    import logging
+
+    from adaspec.sglang_ext.worker import quiet_state_switches
+
+    logger = logging.getLogger("sglang.srt.speculative.eagle_worker_v2")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    h = Keep()
+    logger.addHandler(h)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        quiet_state_switches()
+        quiet_state_switches()  # idempotent
+        logger.info("Switch adaptive runtime state: steps 8 -> 2, draft_tokens 9 -> 3")
+        logger.info("Built adaptive runtime state steps=2: elapsed=0.10s, mem=0.01GB")
+    finally:
+        logger.removeHandler(h)
+        logger.setLevel(old)
+    return {"seen": seen, "filters": len(logger.filters)}
 
 (WORK / "probe.json").write_text(json.dumps(RESULTS, indent=1, default=str))

@@ -17,7 +17,7 @@ from adaspec.core.heads.adaptive import AdaptiveConfig, AdaptiveHead
 from adaspec.core.online.transport import Transport
 from adaspec.core.online.settings import TransportSettings
 from adaspec.core.online.wire import WeightUpdate
-from adaspec.sglang_ext.assembly import build_runtime
+from adaspec.sglang_ext.assembly import adaptive_head, build_runtime
 from adaspec.sglang_ext.runtime import STATIC, ReqView
 from adaspec.sglang_ext.settings import load_plugin_settings
 from adaspec.core.heads.adaptive_base import write_base
@@ -63,11 +63,26 @@ def test_runtime_without_base_runs_without_adaptive(tmp_path, caplog):
     assert rt.drafters == {} and rt.policy.names == [STATIC] and "adaptive drafter off" in caplog.text
 
 
-def test_base_for_another_model_is_a_clear_error(tmp_path):
+def test_base_for_another_model_turns_the_adaptive_drafter_off_and_serving_goes_on(tmp_path, caplog):
     worker, embed, head = fake_target_worker()
-    base_file(tmp_path, embed, head, vocab=V + 1)
-    with pytest.raises(ConfigError, match="served model has"):
-        build_runtime(settings(tmp_path), "srv", worker, "cpu", registry=CollectorRegistry())
+    base_file(tmp_path, embed, head, vocab=V + 1)  # a base for a bigger vocabulary than the served model's
+    with pytest.raises(ConfigError, match="served model's embedding is"):
+        adaptive_head(tmp_path / "base.safetensors", embed, head)
+    rt = build_runtime(settings(tmp_path), "srv", worker, "cpu", registry=CollectorRegistry())
+    assert set(rt.drafters) == {"suffix"} and rt.policy.names == [STATIC, "suffix"]
+    assert "adaptive drafter off" in caplog.text and "served model's embedding is" in caplog.text
+
+
+def test_padded_vocabulary_of_the_served_model_is_accepted(tmp_path):
+    """SGLang pads embedding/LM head rows to a multiple of 64: the head uses the first vocab_size rows."""
+    worker, embed, head = fake_target_worker()
+    base_file(tmp_path, embed, head)
+    padded_e, padded_h = torch.cat([embed, torch.zeros(24, D)]), torch.cat([head, torch.zeros(24, D)])
+    ad = adaptive_head(tmp_path / "base.safetensors", padded_e, padded_h)
+    assert ad.embed_weight.shape == (V, D) and ad.embed_weight.data_ptr() == padded_e.data_ptr()
+    ref = adaptive_head(tmp_path / "base.safetensors", embed, head)
+    h, tok = torch.randn(3, D), torch.tensor([1, 5, V - 1])
+    assert torch.equal(ad.draft(h, tok, 3)[0], ref.draft(h, tok, 3)[0])  # padding rows never take part
 
 
 def test_logs_reach_the_sidecar_socket_and_weights_swap_in_at_batch_start(tmp_path):
@@ -80,7 +95,7 @@ def test_logs_reach_the_sidecar_socket_and_weights_swap_in_at_batch_start(tmp_pa
     server = Transport(ts)
     rt = None
     try:
-        rt = build_runtime(settings(tmp_path, sidecar=True), "srv-1", worker, "cpu",
+        rt = build_runtime(settings(tmp_path, sidecar=True, feature_sample_rate=1.0), "srv-1", worker, "cpu",
                            registry=CollectorRegistry(), transport=server)
         head_mod = rt.drafters["adaptive"].head
         ptr = head_mod.up.weight.data_ptr()
@@ -103,6 +118,7 @@ def test_logs_reach_the_sidecar_socket_and_weights_swap_in_at_batch_start(tmp_pa
         hidden = torch.randn(3, D)
         rt.complete(plan, [2], [11, 12, 0], [4, 11, 13], hidden)
         assert rt.sender.drain(10)
+        assert rt.feature_budget.held == 0  # the features' device bytes came back once they were sent
         batch = None
         for _ in range(40):
             batch = puller.recv(250)

@@ -15,21 +15,22 @@ from prometheus_client import CollectorRegistry
 
 from adaspec.core.controller import AtlasPolicy, ControllerSettings
 from adaspec.core.drafters.adaptive import AdaptiveDrafter
-from adaspec.core.drafters.base import Draft, DrafterBase
+from adaspec.core.drafters.base import Draft, DrafterBase, DraftRequest, JoinedTokens
 from adaspec.core.drafters.suffix import SuffixDrafter
 from adaspec.core.step import Plan, PolicyBase, StepRecord
 from adaspec.core.errors import ConfigError
 from adaspec.core.heads.adaptive import AdaptiveConfig, AdaptiveHead
 from adaspec.core.online.logs import LogPublisher
 from adaspec.core.online.weights import WeightStager
-from adaspec.core.online.wire import LogBatch, WeightUpdate, decode
-from adaspec.sglang_ext.chain import accepted_rows, batch_steps, chain_rows, overlay_chains
+from adaspec.core.online.wire import LogBatch, WeightUpdate, decode, entry_from_record
+from adaspec.sglang_ext.chain import ChainStager, accepted_rows, batch_steps, chain_rows, overlay_chains
 from adaspec.sglang_ext.hidden_tap import FinalHiddenTap, logits_forward_hook, TAP
-from adaspec.sglang_ext.logs import BackgroundSender, PublisherSink, StepLogs
+from adaspec.sglang_ext.logs import BackgroundSender, DeviceBudget, PublisherSink, StepLogs
 from adaspec.sglang_ext.runtime import STATIC, AtlasRuntime, ReqView
 from adaspec.sglang_ext.settings import load_plugin_settings
 from adaspec.sglang_ext.spec import validate_atlas_args
-from adaspec.sglang_ext.states import StepStates
+from adaspec.sglang_ext.metrics import plugin_metrics
+from adaspec.sglang_ext.states import RESTORE_SOURCE, StepStates, StickySteps, compact_overrides
 
 # -- chain drafts -> verify input ----------------------------------------------------------------------------
 
@@ -46,9 +47,22 @@ def test_batch_steps_picks_smallest_covering_candidate():
 
 
 def test_chain_rows_pad_with_last_token_and_mark_eagle_rows():
-    tokens, use = chain_rows([[5, 6], None, [], [1, 2, 3, 4, 5]], 3, pad=9)
-    assert tokens.tolist() == [[5, 6, 6], [9, 9, 9], [9, 9, 9], [1, 2, 3]]
-    assert use.tolist() == [True, False, True, True]
+    tokens, use = chain_rows([[5, 6], None, [], [1, 2, 3, 4, 5]], 3, pads=[1, 2, 9, 4])
+    # an empty chain repeats its request's last token (the root), not an arbitrary id
+    assert tokens == [[5, 6, 6], [0, 0, 0], [9, 9, 9], [1, 2, 3]]
+    assert use == [True, False, True, True]
+
+
+def test_chain_stager_reuses_its_buffers_step_after_step():
+    stager = ChainStager(4, 3, "cpu")
+    buf = stager.dev.data_ptr()
+    t1, u1 = stager.stage([[5, 6], None], 3, pads=[1, 2])
+    assert t1.tolist() == [[5, 6, 6], [0, 0, 0]] and u1.tolist() == [True, False]
+    t2, u2 = stager.stage([[7], [8, 9], []], 2, pads=[1, 2, 3])
+    assert t2.tolist() == [[7, 7], [8, 9], [3, 3]] and u2.tolist() == [True, True, True]
+    assert stager.dev.data_ptr() == buf and t2.data_ptr() >= buf  # views into the same buffer: no allocation
+    t3, _ = stager.stage([[1]] * 6, 5)  # beyond the start-up sizes: the buffers grow, nothing is cut
+    assert t3.shape == (6, 5) and t3[5].tolist() == [1] * 5
 
 
 def test_overlay_keeps_eagle_rows_and_writes_chains():
@@ -179,26 +193,35 @@ def test_plan_caps_k_at_the_largest_candidate_and_ignores_unknown_or_disabled_dr
     assert rt2.plan([rv("a")]).steps == 0
 
 
-def test_complete_records_exactly_what_was_verified():
-    pol = ScriptedPolicy({"a": Plan(STATIC, 2), "b": Plan("suffix", 2)})
-    suf = FakeDrafter("suffix", {"b": Draft([7, 8], [0.9, 0.6])})
+def test_complete_records_what_each_drafter_proposed_not_the_padded_width():
+    pol = ScriptedPolicy({"a": Plan(STATIC, 2), "b": Plan("suffix", 2), "c": Plan("suffix", 2)})
+    suf = FakeDrafter("suffix", {"b": Draft([7, 8], [0.9, 0.6]), "c": Draft([9], [0.7])})
     rt = AtlasRuntime(pol, {"suffix": suf}, [0, 3])
-    plan = rt.plan([rv("a", output=[4]), rv("b", output=[5])])
+    plan = rt.plan([rv("a", output=[4]), rv("b", output=[5]), rv("c", output=[6])])
     assert plan.steps == 3
-    # verify input: per row the root then 3 drafts (b: its chain padded with its last token)
-    verified = [4, 40, 41, 42, 5, 7, 8, 8]
-    tokens = [40, 41, 99, 0, 7, 8, 8, 77]  # a accepts 2 then bonus 99; b accepts 3 (pad too) then bonus 77
-    recs = rt.complete(plan, [3, 4], tokens, verified)
-    a, b = recs
+    # verify input: per row the root then 3 drafts (b, c: their chains padded with their last token)
+    verified = [4, 40, 41, 42, 5, 7, 8, 8, 6, 9, 9, 9]
+    # a accepts 2 then bonus 99; b accepts its chain and one pad, then 77; c rejects its only token
+    tokens = [40, 41, 99, 0, 7, 8, 8, 77, 55, 0, 0, 0]
+    recs = rt.complete(plan, [3, 4, 1], tokens, verified)
+    a, b, c = recs
+    # EAGLE really drafted S tokens for a static row
     assert (a.drafter, a.k, a.drafted, a.accepted, a.emitted) == (STATIC, 3, 3, 2, 3)
     assert a.draft_tokens == [40, 41, 42] and a.emitted_tokens == [40, 41, 99] and a.confidence == [1.0] * 3
-    assert (b.drafter, b.accepted, b.emitted_tokens) == ("suffix", 3, [7, 8, 8, 77])
-    assert b.confidence == [0.9, 0.6, 0.0]  # the pad counts as verified, with zero confidence
-    assert all(r.chunk_tokens == 4 and r.batch_size == 2 and not r.prefill for r in recs)
+    # a chain row records its own chain: c proposed 1 token at k=2 (the reference engine's numbers), not
+    # S=3 with zero-confidence padding the controller would learn as rejections
+    assert (c.drafter, c.k, c.drafted, c.accepted, c.emitted) == ("suffix", 2, 1, 0, 1)
+    assert c.draft_tokens == [9] and c.confidence == [0.7] and c.emitted_tokens == [55]
+    # padding the target accepted was verified and is emitted: it counts as drafted and accepted
+    assert (b.drafter, b.k, b.drafted, b.accepted, b.emitted_tokens) == ("suffix", 3, 3, 3, [7, 8, 8, 77])
+    assert b.draft_tokens == [7, 8, 8] and b.confidence == [0.9, 0.6, 0.6]
+    assert all(r.chunk_tokens == 4 and r.batch_size == 3 and not r.prefill for r in recs)
     assert pol.feedback_calls == [recs]
+    for r in recs:  # every record passes the wire schema the sidecar applies
+        entry_from_record(r)
     # the suffix drafter sees what entered the KV cache (root + accepted) and the next token
-    assert [(o.request_id, o.tokens, o.next_token) for o in suf.observed] == [("a", [4, 40, 41], 99),
-                                                                            ("b", [5, 7, 8, 8], 77)]
+    assert [(o.request_id, o.tokens, o.next_token) for o in suf.observed] == [
+        ("a", [4, 40, 41], 99), ("b", [5, 7, 8, 8], 77), ("c", [6], 55)]
 
 
 def test_a_failing_drafter_falls_back_to_eagle_and_serving_goes_on():
@@ -510,3 +533,161 @@ def test_validate_completes_args_for_chains():
 def test_validate_refuses_what_atlas_cannot_serve(kw, msg):
     with pytest.raises(ValueError, match=msg):
         validate_atlas_args(server_args(**kw))
+
+
+# -- audit fixes: sticky states, quiet switches, guarded batch start, features, thresholds (F3, F4, F8, F12) ----
+
+
+def test_sticky_steps_go_up_at_once_and_down_only_after_a_run_of_smaller_batches():
+    c = StickySteps([0, 1, 2, 4, 8], downshift_after=3)
+    assert c.choose([3]) == 4
+    assert c.choose([7]) == 8  # up at once: a planned chain is never cut
+    assert [c.choose([1]), c.choose([2])] == [8, 8]
+    assert c.choose([5]) == 8  # still needs 8: the run of smaller batches starts again
+    assert [c.choose([1]), c.choose([3]), c.choose([0])] == [8, 8, 4]  # down to the largest need of the run
+    assert c.choose([0]) == 4 and c.choose([0]) == 4 and c.choose([0]) == 0
+    eager = StickySteps([0, 2, 4], downshift_after=0)
+    assert [eager.choose([4]), eager.choose([1]), eager.choose([0])] == [4, 2, 0]  # the old per-batch choice
+
+
+def test_runtime_switches_state_rarely_on_alternating_plans():
+    """A plan that alternates between a long and a short chain every step (what the controller does) costs
+    one switch in all, not one per step; what runs always covers the plan."""
+    pol = ScriptedPolicy({})
+    rt = AtlasRuntime(pol, {}, [0, 1, 2, 4, 8], downshift_after=8)
+    seen = []
+    for i in range(64):
+        pol.plans = {"a": Plan(STATIC, 7 if i % 2 else 1)}
+        plan = rt.plan([rv("a")])
+        assert plan.steps >= (7 if i % 2 else 1)
+        seen.append(plan.steps)
+    switches = sum(1 for x, y in zip(seen, seen[1:]) if x != y)
+    assert switches <= 1, seen
+    eager = AtlasRuntime(pol, {}, [0, 1, 2, 4, 8])  # the control: no hysteresis switches every step
+    steps = []
+    for i in range(8):
+        pol.plans = {"a": Plan(STATIC, 7 if i % 2 else 1)}
+        steps.append(eager.plan([rv("a")]).steps)
+    assert steps == [1, 8] * 4
+
+
+def replay(log):
+    out = {}
+    for _, fields in log:
+        out.update(fields)
+    return out
+
+
+def test_override_log_stays_constant_under_switching_and_replays_the_same():
+    log = [("startup", {"speculative_num_steps": 8, "mem_fraction_static": 0.8})]
+    for steps in [4, 8, 2, 8, 4] * 200:
+        log.append((RESTORE_SOURCE, {"speculative_num_steps": steps, "speculative_num_draft_tokens": steps + 1}))
+        full = list(log)
+        compact_overrides(log)
+        assert replay(log) == replay(full)
+    assert len(log) == 2 and log[0][0] == "startup"
+    # an entry of another source between two switches stays, and so does what it sets
+    log.append(("hicache", {"speculative_num_steps": 1}))
+    log.append((RESTORE_SOURCE, {"speculative_num_steps": 2, "speculative_num_draft_tokens": 3}))
+    before = list(log)
+    assert compact_overrides(log) == 1 and replay(log) == replay(before) and ("hicache", {"speculative_num_steps": 1}) in log
+
+
+def test_step_states_count_switches_and_call_back_after_each():
+    seen = []
+    worker = SimpleNamespace(apply_runtime_state=lambda s: None)
+    st = StepStates(worker, [0, 2, 4], after_switch=lambda old, new: seen.append((old, new)))
+    st.register(4, "s4")
+    st.states.update({0: "s0", 2: "s2"})
+    for steps in (4, 2, 2, 0, 4):
+        st.activate(steps)
+    assert seen == [(4, 2), (2, 0), (0, 4)] and st.switches == 3
+
+
+def test_a_failing_batch_start_is_counted_and_serving_goes_on(caplog):
+    class BadStager:
+        drafter, version = "adaptive", 0
+
+        def apply_if_staged(self):
+            raise RuntimeError("NaN in a staged tensor")
+
+    reg = CollectorRegistry()
+    pm, _ = plugin_metrics(reg)
+    rt = AtlasRuntime(ScriptedPolicy({}), {}, [0, 1], stagers=[BadStager()], metrics=pm)
+    assert rt.safe_begin_batch() == 0.0 and rt.safe_begin_batch() == 0.0
+    assert rt.begin_errors == 2 and "batch start failed" in caplog.text
+    assert reg.get_sample_value("adaspec_sglang_glue_errors_total", {"where": "batch start"}) == 2
+    with pytest.raises(RuntimeError):  # the unguarded call still says what went wrong
+        rt.begin_batch()
+
+
+def test_features_are_one_gather_within_the_device_budget_and_come_back_when_sent():
+    d = 4
+    sent = []
+    budget = DeviceBudget(limit_bytes=3 * d * 4)  # room for 3 rows of float32 features
+    reg = CollectorRegistry()
+    pm, _ = plugin_metrics(reg)
+    sender = SimpleNamespace(submit=lambda item: sent.append(item) or True)
+    rt = AtlasRuntime(ScriptedPolicy({"a": Plan(STATIC, 2), "b": Plan(STATIC, 2)}), {}, [0, 2], sender=sender,
+                      feature_sample_rate=1.0, feature_budget=budget, metrics=pm)
+    plan = rt.plan([rv("a"), rv("b")])
+    hidden = torch.arange(6 * d, dtype=torch.bfloat16).view(6, d)
+    recs = rt.complete(plan, [2, 1], [10, 11, 12, 20, 21, 22], [4, 10, 13, 4, 25, 26], hidden)
+    fa, fb = recs[0].features, recs[1].features
+    assert fa.dtype == torch.float32 and torch.equal(fa, hidden[0:2].float()) and torch.equal(fb, hidden[3:4].float())
+    assert fa.untyped_storage().data_ptr() == fb.untyped_storage().data_ptr()  # views into one gathered copy
+    assert budget.held == 3 * d * 4 and sent[0].feature_bytes == 3 * d * 4
+    recs2 = rt.complete(rt.plan([rv("a"), rv("b")]), [2, 1], [10, 11, 12, 20, 21, 22], [4, 10, 13, 4, 25, 26],
+                        hidden)
+    assert recs2[0].features is None and recs2[1].features is None  # budget full: logged without features
+    assert rt.features_skipped == 2 and reg.get_sample_value("adaspec_sglang_log_features_skipped_total") == 2
+    PublisherSink(lambda records: None)(sent[0])  # the sender thread shipped the first step
+    assert budget.held == 0
+    full = AtlasRuntime(ScriptedPolicy({"a": Plan(STATIC, 2)}), {}, [0, 2], feature_sample_rate=1.0,
+                        sender=SimpleNamespace(submit=lambda item: False), feature_budget=budget)
+    full.complete(full.plan([rv("a")]), [2], [10, 11, 12], [4, 10, 13], hidden[:3])
+    assert budget.held == 0  # a step the queue dropped gives its bytes back at once
+
+
+def test_validate_refuses_accept_thresholds_below_one():
+    for flag in ("speculative_accept_threshold_single", "speculative_accept_threshold_acc"):
+        with pytest.raises(ValueError, match="lossless only with --" + flag.replace("_", "-")):
+            validate_atlas_args(server_args(**{flag: 0.5}))
+    validate_atlas_args(server_args(speculative_accept_threshold_single=1.0, speculative_accept_threshold_acc=1.0))
+
+
+def test_request_tokens_are_a_view_and_the_suffix_drafter_drafts_the_same_from_it():
+    prompt, output = [5, 6, 7, 8] * 6, [5, 6]
+    row = ReqView("r", "t", prompt, output, 100)
+    view = row.tokens()
+    assert isinstance(view, JoinedTokens) and view.prompt is prompt and view.output is output  # no copy
+    assert list(view) == prompt + output and len(view) == 26 and view[-1] == 6 and view[23] == 8
+    assert view[20:26] == (prompt + output)[20:26] and view[::5] == (prompt + output)[::5]
+    with pytest.raises(IndexError):
+        view[26]
+    a, b = SuffixDrafter(), SuffixDrafter()
+    for step in range(5):
+        ra = DraftRequest("r", row.tokens(), len(prompt), "t")
+        rb = DraftRequest("r", list(prompt) + list(output), len(prompt), "t")
+        da, db = a.propose([ra], [4])[0], b.propose([rb], [4])[0]
+        assert (da.tokens, da.confidence) == (db.tokens, db.confidence) and da.tokens
+        output.append(prompt[(len(prompt) + len(output)) % 4])  # the live array grows; the view follows
+
+
+def test_engine_metrics_sum_per_drafter_before_counting():
+    reg = CollectorRegistry()
+    _, em = plugin_metrics(reg)
+
+    def rec(drafter, drafted, accepted, emitted):
+        return StepRecord(step=1, request_id="r", tenant="t", drafter=drafter, k=drafted, drafted=drafted,
+                          accepted=accepted, emitted=emitted, confidence=[0.5] * drafted, batch_size=3,
+                          chunk_tokens=1, draft_s=0.0, verify_s=0.0, prefill=False)
+
+    em([rec("suffix", 3, 2, 3), rec("suffix", 2, 0, 1), rec(None, 0, 0, 1)])
+    get = reg.get_sample_value
+    assert get("adaspec_engine_forwards_total", {"drafter": "suffix"}) == 2
+    assert get("adaspec_engine_draft_tokens_total", {"drafter": "suffix"}) == 5
+    assert get("adaspec_engine_accepted_tokens_total", {"drafter": "suffix"}) == 2
+    assert get("adaspec_engine_emitted_tokens_total", {"drafter": "suffix"}) == 4
+    assert get("adaspec_engine_forwards_total", {"drafter": "none"}) == 1
+    assert get("adaspec_engine_draft_tokens_total", {"drafter": "none"}) is None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from adaspec.sglang_ext.hooks import CALL_SITES, SIGNATURES
 from adaspec.sglang_ext.version import SGLANG_VERSION, SGLangUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,16 @@ def test_hook_points_match_real_sglang(probe):
     checked = ok(probe, "hook_points")
     assert "sglang.srt.layers.logits_processor.LogitsProcessor.forward" in checked
     assert any(t.endswith("SchedulerBatchResultProcessor._resolve_spec_v2_tokens") for t in checked)
-    assert len(checked) >= 15
+    assert len(checked) == len(SIGNATURES) + len(CALL_SITES) == 19
+    # what the audit fixes rely on: the chunked request on the batch, the switch's log line and override
+    assert any(t.endswith("Scheduler._get_new_batch_prefill_raw") for t in checked)
+    assert any(t.endswith("RuntimeContext.override") for t in checked)
+
+
+@needs_overlay
+def test_only_the_state_switch_line_is_filtered(probe):
+    got = ok(probe, "state_switch_lines_filtered")
+    assert got["seen"] == ["Built adaptive runtime state steps=2: elapsed=0.10s, mem=0.01GB"] and got["filters"] == 1
 
 
 @needs_overlay
@@ -133,6 +143,26 @@ def test_wrong_sglang_version_is_refused(monkeypatch):
         version.require_sglang()
 
 
+def test_post_release_is_admitted_only_through_the_hook_check(monkeypatch):
+    from adaspec.sglang_ext import hooks, plugin, version
+
+    for found, ok_ in (("0.5.17.post1", True), ("0.5.17+cu130", True), ("0.5.17rc1", False),
+                       ("0.5.18", False), ("0.5.17.dev3", False), ("garbage", False)):
+        monkeypatch.setattr(version.metadata, "version", lambda name, f=found: f)
+        if ok_:
+            assert version.require_sglang() == found
+        else:
+            with pytest.raises(SGLangUnavailable, match="found sglang"):
+                version.require_sglang()
+    monkeypatch.setattr(version.metadata, "version", lambda name: "0.5.17.post1")
+    checked = []
+    monkeypatch.setattr(hooks, "check_hook_points", lambda: checked.append(1) or (_ for _ in ()).throw(
+        SGLangUnavailable("EAGLEWorkerV2.verify moved")))
+    with pytest.raises(SGLangUnavailable, match="moved"):  # refused before anything is registered
+        plugin.load()
+    assert checked == [1]
+
+
 def test_worker_import_without_sglang_names_the_version():
     sys.modules.pop("adaspec.sglang_ext.worker", None)
     with pytest.raises(SGLangUnavailable, match=f"sglang=={SGLANG_VERSION}.*EAGLEWorkerV2"):
@@ -155,4 +185,6 @@ def test_worker_decode_path_with_fake_sglang_objects(probe):
     assert not any(c[0] == "eagle_draft" for c in chains["calls"])
     none = steps["none"]
     assert none["steps"] == 0 and none["calls"][0] == ["verify", [5, 5]]  # SGLang's trivial one-node verify
-    assert all(s["errors"] == 0 for s in steps.values())
+    assert all(s["errors"] == 0 for s in steps.values() if isinstance(s, dict))
+    # F1: a chunked prefill's request starts drafting after its last chunk, not after every chunk
+    assert steps["prefilled"] == [["p1"], ["p2"]] and steps["prefill_done_real_attr"] is True

@@ -47,6 +47,14 @@ class AdaptiveDrafter(DrafterBase):
         self.on_experience: Callable[[str, AdaptiveFeatures, Tensor], None] | None = None
 
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One throw-away draft step: the first `draft_topk` call JIT-compiles its Triton kernel on a GPU,
+        which would otherwise stall the first request that drafts (inside a server, the scheduler thread)."""
+        w = self.head.embed_weight
+        self.head.draft(torch.zeros(1, w.shape[1], dtype=w.dtype, device=w.device),
+                        torch.zeros(1, dtype=torch.long, device=w.device), 1)
+
     def start(self, request: DraftRequest) -> None:
         st = _Stream(request.prompt_len)
         st.first = max(0, request.prompt_len - 2)  # first sample whose target (t+2) is an output token

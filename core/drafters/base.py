@@ -9,10 +9,47 @@ q used for exact rejection sampling. A drafter that returns no distribution is t
 
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import Iterator, Mapping, Protocol, Sequence, overload, runtime_checkable
 
 import torch
+
+
+class JoinedTokens(SequenceABC):
+    """prompt + output as one read-only sequence without copying either (a server's live token arrays):
+    building `list(prompt) + list(output)` for every request at every step costs O(context) per step."""
+
+    __slots__ = ("prompt", "output")
+
+    def __init__(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        self.prompt, self.output = prompt, output
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+
+    def __getitem__(self, i):
+        n = len(self.prompt)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(n + len(self.output))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            head = list(self.prompt[start:min(stop, n)]) if start < n else []
+            return head + list(self.output[max(start - n, 0):max(stop - n, 0)])
+        if i < 0:
+            i += n + len(self.output)
+        if not 0 <= i < n + len(self.output):
+            raise IndexError("token index out of range")
+        return int(self.prompt[i]) if i < n else int(self.output[i - n])
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.prompt
+        yield from self.output
 
 
 @dataclass
@@ -102,6 +139,9 @@ class Drafter(Protocol):
     def share_with(self, drafters: Mapping[str, "Drafter"]) -> None:
         """The engine's other drafters, after all are built (see `DrafterBase.share_with`)."""
 
+    def warm_up(self) -> None:
+        """Compile and allocate what the first `propose` would (at server start-up, not on the first request)."""
+
 
 class DrafterBase:
     """`Drafter` with the optional parts declared: no hidden states, version 0, no per-request state."""
@@ -125,3 +165,6 @@ class DrafterBase:
     def share_with(self, drafters: Mapping[str, "Drafter"]) -> None:
         """The other drafters of the same engine, once, after all are built: a drafter that can reuse one of
         them (the adapted static head reuses the static drafter's cache) binds to it here."""
+
+    def warm_up(self) -> None:
+        """Nothing to compile or allocate ahead of the first proposal."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from adaspec.core.drafters.base import Draft, DraftRequest, DrafterBase, Observation
+from adaspec.core.drafters.base import Draft, DraftRequest, DrafterBase, JoinedTokens, Observation
 from .cache import ResponseCache, TenantCaches
 from .chain import EMPTY_CHAIN, Chain, greedy_chain
 from .match import ChainStart, ContextMatcher, node_start
@@ -31,8 +31,9 @@ from .tree import SuffixIndex
 
 
 def _as_ints(tokens: Sequence[int]) -> Sequence[int]:
-    """Token ids as plain ints: lists pass through, a tensor or array is converted once."""
-    if isinstance(tokens, (list, tuple)):
+    """Token ids as plain ints: sequences (lists, a server's `JoinedTokens` view) pass through, a tensor or
+    numpy array is converted once."""
+    if isinstance(tokens, (list, tuple, JoinedTokens)):
         return tokens
     tolist = getattr(tokens, "tolist", None)
     return tolist() if tolist is not None else list(tokens)
