@@ -211,7 +211,8 @@ def test_interpolation_reads_like_compose():
 def test_services_healthchecks_and_gpu_reservation():
     doc = resolved()
     services = doc["services"]
-    assert set(services) == {"models", "sglang", "sidecar", "serve-cpu", "sidecar-cpu", "prometheus", "grafana"}
+    assert set(services) == {"models", "sglang", "sidecar", "models-cpu", "serve-cpu", "sidecar-cpu", "prometheus",
+                             "grafana"}
     for name in ("models", "sglang", "sidecar"):
         assert services[name]["profiles"] == ["gpu"], name
     for name, svc in services.items():
@@ -521,7 +522,14 @@ def test_cpu_profile_serves_the_reference_engine_with_its_sidecar_and_no_gpu():
     assert serve["profiles"] == side["profiles"] == ["cpu"]
     assert "deploy" not in serve and "deploy" not in side  # no device reservation anywhere on this profile
     cmd = serve["command"][-1]
-    assert "adaspec models fetch" in cmd and "adaspec serve --host 0.0.0.0 --port 8000" in cmd
+    assert "adaspec serve --host 0.0.0.0 --port 8000" in cmd
+    # one fetch, before both services: two fetches into the same volume at once would race
+    fetch = doc["services"]["models-cpu"]
+    assert fetch["command"] == ["adaspec", "models", "fetch"] and fetch["restart"] == "no"
+    assert "models fetch" not in cmd and "models fetch" not in side["command"][-1]
+    for svc in (serve, side):
+        assert svc["depends_on"]["models-cpu"]["condition"] == "service_completed_successfully"
+        assert mounts(svc)["/cache/adaspec"] == mounts(fetch)["/cache/adaspec"]
     assert "sidecar serve" in side["command"][-1] and "--metrics-port 9400" in side["command"][-1]
     ipc = {name: dict(v.split(":")[:2] for v in svc["volumes"])["adaspec-ipc"] for name, svc in
            (("serve", serve), ("side", side))}
