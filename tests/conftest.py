@@ -97,3 +97,23 @@ def real_traces(real_settings, real_target, data_dir) -> RealTraces:
 
 def pytest_configure(config) -> None:
     torch.set_num_threads(int(os.environ.get("ADASPEC_TEST_THREADS", torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def probe(tmp_path_factory) -> dict:
+    """What tests/sglang_probe.py reports from inside real SGLang 0.5.17 (the .venv/sglang-cpu overlay on
+    PYTHONPATH of a subprocess): run once per test session, read by the plugin and compose tests."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path_factory.mktemp("sglang-probe")
+    env = dict(os.environ, PYTHONPATH=str(root / ".venv" / "sglang-cpu"), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    env.pop("ADASPEC_SGLANG_CANDIDATE_STEPS", None)
+    proc = subprocess.run([sys.executable, str(root / "tests" / "sglang_probe.py"), str(work)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = work / "probe.json"
+    assert out.is_file(), f"probe crashed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())

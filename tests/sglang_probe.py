@@ -380,4 +380,15 @@ def _quiet():
         logger.setLevel(old)
     return {"seen": seen, "filters": len(logger.filters)}
 
+@check("check_image_plugin")
+def _check_image():
+    """deploy/check_image.py's plugin check (what the image build runs) against the real SGLang 0.5.17."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_image", Path(__file__).resolve().parents[1] / "deploy" / "check_image.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.check_plugin()
+
+
 (WORK / "probe.json").write_text(json.dumps(RESULTS, indent=1, default=str))

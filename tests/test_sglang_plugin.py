@@ -8,9 +8,6 @@ PYTHONPATH (scripts/install_sglang_cpu.sh, run by setup.sh): it pins transformer
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,18 +22,6 @@ needs_overlay = pytest.mark.skipif(
     not (OVERLAY / "sglang").is_dir(),
     reason="SGLang 0.5.17 CPU overlay not installed (bash scripts/install_sglang_cpu.sh)",
 )
-
-
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory) -> dict:
-    work = tmp_path_factory.mktemp("sglang-probe")
-    env = dict(os.environ, PYTHONPATH=str(OVERLAY), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("ADASPEC_SGLANG_CANDIDATE_STEPS", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sglang_probe.py"), str(work)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    out = work / "probe.json"
-    assert out.is_file(), f"probe crashed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(out.read_text())
 
 
 def ok(probe: dict, name: str):
