@@ -271,6 +271,58 @@ def test_exploration_revisits_unused_drafters_on_schedule():
     assert all(r.k == 2 for r in recs if r.drafter == "bad" and r.step > 30)
 
 
+def test_exploration_skips_a_drafter_that_could_not_pay_even_if_always_right():
+    """On a compute-bound verify (this CPU) a drafter whose own cost plus a verified token's exceeds what a token
+    is worth is never explored: no evidence could make the planner pick it, and each probe costs the batch."""
+    costs = CostModel(verify_fixed_s=0.01, verify_token_s=0.005, draft_token_s=0.0, frozen=True,
+                      draft_costs={"cheap": 1e-5, "dear": 0.5})
+    pol = AtlasPolicy(["cheap", "dear"], ControllerSettings(guarded=(), explore_every=4, explore_k=2), costs=costs)
+    states = [state(f"r{i}") for i in range(4)]
+    used: dict[str, int] = {}
+    for _ in range(40):
+        for p in pol.plan(states):
+            if p.drafter:
+                used[p.drafter] = used.get(p.drafter, 0) + 1
+    assert used.get("cheap", 0) > 0 and "dear" not in used
+    free = AtlasPolicy(["cheap", "dear"], ControllerSettings(guarded=(), explore_every=4, explore_k=2),
+                       costs=CostModel(verify_fixed_s=0.01, verify_token_s=0.005, draft_token_s=0.0, frozen=True,
+                                       draft_costs={"cheap": 1e-5, "dear": 1e-5}))
+    seen = {p.drafter for _ in range(40) for p in free.plan(states)}
+    assert "dear" in seen  # the control: at the same price as the other it is explored
+
+
+def test_padded_exploration_fills_every_idle_row_and_keeps_planned_rows():
+    """With padded verify the probe's width is paid by the whole batch, so every row that drafts nothing takes
+    part (not one row at the batch's expense); rows with a plan keep it."""
+    costs = CostModel(verify_fixed_s=0.01, verify_token_s=0.005, draft_token_s=0.0, frozen=True)  # nothing pays
+
+    def explore_rows(padded: bool) -> list[str | None]:
+        pol = AtlasPolicy(["a", "b"], ControllerSettings(guarded=(), explore_every=5, explore_k=2), costs=costs)
+        pol.set_padded_verify(padded)
+        states = [state(f"r{i}") for i in range(4)]
+        pol.plan(states)
+        pol.last_used = [pol.step + 1, -100]  # only b is due for exploration
+        return [p.drafter for p in pol.plan(states)]
+
+    assert explore_rows(padded=True) == ["b"] * 4
+    assert sum(d == "b" for d in explore_rows(padded=False)) == 1  # ragged: one row's own tokens, one row
+    # r0 has a chain that pays: it keeps it, the others ride along within its width
+    pol = AtlasPolicy(["a", "b"], ControllerSettings(guarded=(), explore_every=5, explore_k=2),
+                      costs=CostModel(verify_fixed_s=0.05, verify_token_s=0.001, draft_token_s=0.0, frozen=True))
+    pol.set_padded_verify(True)
+    states = [state(f"r{i}") for i in range(4)]
+    pol.plan(states)
+    r0 = pol.requests["r0"]
+    r0.cum[0], r0.seen[0] = [0.99] * 6, pol.step + 1
+    for i in range(1, 4):
+        r = pol.requests[f"r{i}"]
+        r.cum[0], r.seen[0] = [0.01] * 6, pol.step + 1
+    pol.last_used = [pol.step + 1, -100]
+    plans = pol.plan(states)
+    assert plans[0].drafter == "a" and plans[0].k >= 2
+    assert [p.drafter for p in plans[1:]] == ["b"] * 3 and all(p.k <= plans[0].k for p in plans[1:])
+
+
 def test_trim_cuts_where_calibrated_acceptance_collapses():
     policy = AtlasPolicy(["d"], ControllerSettings(guarded=(), explore_every=0, calib_refit_tokens=1))
     cal = policy.calibrators[0]

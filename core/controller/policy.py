@@ -434,25 +434,42 @@ class AtlasPolicy(PolicyBase):
 
     def _explore(self, step: int, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int]) -> None:
         """Each drafter unused for `explore_every` steps (a guarded one short of evidence: a quarter of that)
-        drafts `explore_k` tokens (padded verify: within the planned width, or one token) for `explore_fraction` of the batch (at least one request), on a deterministic
-        rotation, so its calibration and curves keep learning."""
+        drafts `explore_k` tokens for `explore_fraction` of the batch (at least one request), on a deterministic
+        rotation, so its calibration and curves keep learning.
+
+        Exploration is priced like any draft. A drafter none of whose tokens could pay even if every one were
+        accepted (the batch's time per emitted token times its marginal cost, verify + draft, is >= 1: the test
+        `_extend` applies to each planned token) is not explored: no evidence could ever make the planner pick
+        it at these costs. With padded verify every row pays the batch's widest chain: exploration rides along
+        within the planned width, taken by every row that drafts nothing (the width is paid once, whatever the
+        number of rows using it; when every row has a plan, `explore_fraction` of them as usual); when nothing
+        is planned it widens the batch by one token, and a guarded drafter short of evidence gets no more
+        probes than the others then (each one costs the whole batch a verified token)."""
         s = self.settings
         n = max(1, int(B * s.explore_fraction))
         explore_k = s.explore_k
-        if self.costs.padded:  # every row pays the widest chain: ride along within it, else probe one token
-            explore_k = max(1, min(explore_k, max(choice_k[:B], default=0)))
+        padded = self.costs.padded
+        width = max(choice_k[:B], default=0)
+        if padded:
+            explore_k = max(1, min(explore_k, width))
+        cm = self.costs
         for d in range(len(self.names)):
             if not self.available[d]:
                 continue
-            period = max(1, s.explore_every // 4) if self._short[d] else s.explore_every
+            boost = self._short[d] and (not padded or width > 0)
+            period = max(1, s.explore_every // 4) if boost else s.explore_every
             if step - self.last_used[d] < period:
                 continue
+            name = self.names[d]
+            if self.lam * (cm.b + cm.draft_cost(name) + cm.draft_step_cost(name) / B) >= 1.0:
+                continue  # cannot pay at any acceptance: its evidence would never be used
+            idle = padded and any(rows[i].kcap and not rows[i].explore and not choice_k[i] for i in range(B))
             start = (self._explore_seed + step + 7919 * d) % B
-            left = n
+            left = B if idle else n
             for o in range(B):
                 i = (start + o) % B
                 r = rows[i]
-                if r.kcap and not r.explore:
+                if r.kcap and not r.explore and not (idle and choice_k[i]):
                     r.explore = True
                     choice_d[i] = d
                     choice_k[i] = min(explore_k, r.kcap)
