@@ -432,6 +432,12 @@ class AtlasPolicy(PolicyBase):
                 k += 1
             choice_k[i] = k
 
+    def _could_pay(self, d: int, batch: int) -> bool:
+        """Whether a token of drafter d could pay if it were always accepted: the batch's time per emitted token
+        (1 / lam) covers its marginal cost, verify + draft (the test `_extend` applies to every planned token)."""
+        cm = self.costs
+        return self.lam * (cm.b + cm.amortised_draft_cost(self.names[d], batch)) < 1.0
+
     def _explore(self, step: int, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int]) -> None:
         """Each drafter unused for `explore_every` steps (a guarded one short of evidence: a quarter of that)
         drafts `explore_k` tokens for `explore_fraction` of the batch (at least one request), on a deterministic
@@ -452,7 +458,6 @@ class AtlasPolicy(PolicyBase):
         width = max(choice_k[:B], default=0)
         if padded:
             explore_k = max(1, min(explore_k, width))
-        cm = self.costs
         for d in range(len(self.names)):
             if not self.available[d]:
                 continue
@@ -460,8 +465,7 @@ class AtlasPolicy(PolicyBase):
             period = max(1, s.explore_every // 4) if boost else s.explore_every
             if step - self.last_used[d] < period:
                 continue
-            name = self.names[d]
-            if self.lam * (cm.b + cm.draft_cost(name) + cm.draft_step_cost(name) / B) >= 1.0:
+            if not self._could_pay(d, B):
                 continue  # cannot pay at any acceptance: its evidence would never be used
             idle = padded and any(rows[i].kcap and not rows[i].explore and not choice_k[i] for i in range(B))
             start = (self._explore_seed + step + 7919 * d) % B
