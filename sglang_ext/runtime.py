@@ -141,8 +141,26 @@ class AtlasRuntime:
         self.closers: list[Callable[[], Any]] = []
         #: Sidecar liveness (`core.link_guard.LinkGuard`, attached to the policy), checked at batch start.
         self.link: Any = None
-        self.plan_errors = 0
-        self.begin_errors = 0
+        #: Failures the glue caught and served past, by where (batch start, planning, prefill, ...).
+        self.failures: dict[str, int] = {}
+
+    def failed(self, where: str, then: str = "serving continues") -> int:
+        """Count a failure caught inside the glue (and its metric, by `where`) and log it with its traceback,
+        the first time and every 1000th: the one rule for everything that must never stop serving."""
+        n = self.failures[where] = self.failures.get(where, 0) + 1
+        if self.metrics is not None:
+            self.metrics.glue_errors.labels(where).inc()
+        if n == 1 or n % 1000 == 0:
+            log.exception("adaspec ATLAS: %s failed (%d so far); %s", where, n, then)
+        return n
+
+    @property
+    def plan_errors(self) -> int:
+        return self.failures.get("planning", 0)
+
+    @property
+    def begin_errors(self) -> int:
+        return self.failures.get("batch start", 0)
 
     @property
     def candidates(self) -> list[int]:
@@ -187,11 +205,7 @@ class AtlasRuntime:
         try:
             return self.begin_batch()
         except Exception:
-            self.begin_errors += 1
-            if self.metrics is not None:
-                self.metrics.glue_errors.labels("batch start").inc()
-            if self.begin_errors == 1 or self.begin_errors % 1000 == 0:
-                log.exception("adaspec ATLAS: batch start failed (%d so far); serving continues", self.begin_errors)
+            self.failed("batch start")
             return 0.0
 
     # -- 2. plan ------------------------------------------------------------------------------------------------
@@ -288,11 +302,7 @@ class AtlasRuntime:
         try:
             return self.plan(rows)
         except Exception:
-            self.plan_errors += 1
-            if self.metrics is not None:
-                self.metrics.glue_errors.labels("planning").inc()
-            if self.plan_errors == 1 or self.plan_errors % 1000 == 0:
-                log.exception("adaspec ATLAS: planning failed (%d so far); EAGLE-3 fallback", self.plan_errors)
+            self.failed("planning", "EAGLE-3 fallback")
             rows = list(rows)
             steps = self.candidates[-1] if self.static else 0
             self.steps_chooser.force(steps)

@@ -99,7 +99,6 @@ class AtlasWorkerV2(EAGLEWorkerV2):
         quiet_state_switches()
         self.server_id = self.settings.server_id or f"sglang-{socket.gethostname()}-{os.getpid()}"
         self._pending: tuple[StepPlan, torch.Tensor, Any] | None = None
-        self._glue_errors = 0
         from adaspec.sglang_ext.assembly import build_runtime
 
         self.runtime: AtlasRuntime = build_runtime(self.settings, self.server_id, self._target_worker, self.device)
@@ -239,9 +238,5 @@ class AtlasWorkerV2(EAGLEWorkerV2):
             self._glue_error("state switch")
 
     def _glue_error(self, where: str) -> None:
-        self._glue_errors += 1
-        metrics = getattr(getattr(self, "runtime", None), "metrics", None)
-        if metrics is not None:
-            metrics.glue_errors.labels(where).inc()
-        if self._glue_errors == 1 or self._glue_errors % 1000 == 0:
-            log.exception("adaspec ATLAS: %s failed (%d so far); serving continues", where, self._glue_errors)
+        """A failure inside a hook SGLang calls: counted and logged by the runtime's one rule, never raised."""
+        self.runtime.failed(where)

@@ -295,7 +295,7 @@ def _worker_steps():
     worker._target_worker = SimpleNamespace()
     worker.device = "cpu"
     worker.topk = 1
-    worker._pending, worker._glue_errors = None, 0
+    worker._pending = None
     worker.runtime = AtlasRuntime(policy, {"suffix": Suffix()}, [0, 2, 4])
     from adaspec.sglang_ext.chain import ChainStager
 
@@ -336,7 +336,7 @@ def _worker_steps():
                                 spec_info=SimpleNamespace(bonus_tokens=torch.tensor([5, 5])))
         worker.forward_batch_generation(batch)
         worker.on_verify_complete_cpu([1, 1] if worker.speculative_num_steps else [0, 0], batch_size=2)
-        out[name] = {"steps": worker.speculative_num_steps, "calls": calls[:], "errors": worker._glue_errors}
+        out[name] = {"steps": worker.speculative_num_steps, "calls": calls[:], "errors": sum(worker.runtime.failures.values())}
 
     # a chunked prefill: the batch's `chunked_req` (still mid-prompt) is not done; the other request is
     from adaspec.sglang_ext.hidden_tap import TAP
