@@ -84,8 +84,9 @@ def serve(
     if settings.parent_pid:
         _watch_parent(settings.parent_pid, svc.stop)
     logging.getLogger("adaspec.sidecar").info(
-        "ready: v%d, logs %s, admin %s, scheduling %s, cpu share %.2f cores", svc.serving_version,
-        svc.puller.endpoint, svc.admin.endpoint, applied, settings.cpu_share,
+        "ready: v%d, logs %s, admin %s, scheduling %s, cpu share %.4f cores%s", svc.serving_version,
+        svc.puller.endpoint, svc.admin.endpoint, applied, svc.cpu_share(),
+        f" (follows earnings, at most {settings.cpu_share:g})" if settings.share_follows_earnings else "",
     )
     try:
         svc.run()

@@ -49,6 +49,12 @@ class SidecarMetrics:
                                     ["tenant"], registry=r)
         self.buffer_fill = Gauge("adaspec_sidecar_buffer_fill_ratio", "Replay buffer fill (0..1).", registry=r)
         self.holdout_samples = Gauge("adaspec_sidecar_holdout_samples", "Held-out samples buffered.", registry=r)
+        self.cpu_share = Gauge("adaspec_sidecar_cpu_share_cores",
+                               "Cores the learner may use now (co-located: what its drafter's earnings pay for).",
+                               registry=r)
+        self.earned_fraction = Gauge("adaspec_sidecar_earned_fraction",
+                                     "Share of the servers' emitted decode tokens the drafter's accepted drafts "
+                                     "supplied (recent window).", registry=r)
         self.paused = Gauge("adaspec_sidecar_paused", "1 while training/publishing is paused.", registry=r)
         self.checkpoints = Counter("adaspec_sidecar_checkpoints", "Checkpoints written.", registry=r)
         self.loop_errors = Counter("adaspec_sidecar_loop_errors",

@@ -27,10 +27,11 @@ from adaspec.core.online.wire import AdminReply
 
 
 #: Knobs of a sidecar that shares the servers' cores (`adaspec serve`, `demo`, `bench drift --live`): it trains
-#: only on cycles serving leaves idle and averages at most a quarter of a core (measured here: each 1% of a core
-#: the learner takes slows the target's forward by ~4%, its memory traffic shares the bandwidth the forward is
-#: bound by). ADASPEC_SIDECAR_* set by the user win.
-COLOCATED: dict[str, Any] = {"priority": "idle", "cpu_share": 0.25}
+#: only on cycles serving leaves idle, and its share follows what its drafter earns there (`sidecar/budget.py`:
+#: about 0.003 of a core while the drafter supplies no served tokens, at most a quarter of a core). Measured on
+#: the 2-core CPU: a learner at 0.23 of a core made the target's forward 1.72x slower, at 0.01 it cost nothing
+#: measurable. ADASPEC_SIDECAR_* set by the user win.
+COLOCATED: dict[str, Any] = {"priority": "idle", "cpu_share": 0.25, "share_follows_earnings": True}
 
 
 class SidecarError(AdaspecError):

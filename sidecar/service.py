@@ -32,6 +32,7 @@ from adaspec.core.online.settings import TransportSettings
 from adaspec.core.online.weights import copy_into
 from adaspec.core.online.wire import AdminReply, AdminRequest, LogBatch, WeightUpdate
 from adaspec.core.heads.adaptive_base import HeadBase, base_from_model, read_base
+from adaspec.sidecar.budget import CpuBudget, EarnedShare, earned_cores
 from adaspec.sidecar.checkpoint import CheckpointError, CheckpointStore, TrainerState, VersionRecord, export_head
 from adaspec.sidecar.gate import GateDecision, decide
 from adaspec.sidecar.metrics import SidecarMetrics
@@ -51,23 +52,6 @@ class _Publisher(WeightPublisher):
     def restore(self, update: WeightUpdate) -> None:
         with self._lock:
             self._latest[update.drafter] = update
-
-
-class CpuBudget:
-    """The sidecar's share of the machine: a token bucket of CPU seconds refilled at `share` cores and spent by
-    the whole process's CPU time (training, gating, sockets), holding at most two seconds' worth, so a
-    co-located sidecar averages at most `share` of a core and never bursts long enough to starve serving."""
-
-    def __init__(self, share: float, burst_s: float = 2.0) -> None:
-        self.share, self.cap = share, share * burst_s
-        self.tokens = self.cap
-        self._wall, self._cpu = time.monotonic(), time.process_time()
-
-    def available(self) -> bool:
-        wall, cpu = time.monotonic(), time.process_time()
-        self.tokens = min(self.cap, self.tokens + self.share * (wall - self._wall) - (cpu - self._cpu))
-        self._wall, self._cpu = wall, cpu
-        return self.tokens > 0.0
 
 
 def set_priority(priority: str) -> str:
@@ -155,7 +139,8 @@ class SidecarService:
         self.last_checkpoint: str = ""
         self.started = time.time()
         self._budget = 0.0
-        self._cpu = CpuBudget(s.cpu_share)
+        self.earned = EarnedShare(s.drafter, s.rollback_window)
+        self._cpu = CpuBudget(self.cpu_share())
         self._updates_at_gate = 0
         self._updates_at_ckpt = 0
         self._gate_counts: collections.Counter[str] = collections.Counter()
@@ -337,7 +322,7 @@ class SidecarService:
 
     def ingest(self, batch: LogBatch) -> None:
         """One decoded batch: served-acceptance stats, then training/held-out samples."""
-        server = batch.server_id
+        s, server = self.settings, batch.server_id
         self._servers[server] = None
         self._servers.move_to_end(server)
         while len(self._servers) > self.settings.max_servers:
@@ -346,6 +331,9 @@ class SidecarService:
         self.metrics.entries.labels(server).inc(len(batch.entries))
         self.entries_received += len(batch.entries)
         self.served.add(server, batch.entries)
+        if s.share_follows_earnings:
+            self.earned.add(batch.entries)
+            self._cpu.share = self.cpu_share()
         self._add_samples(self.assembler.add_batch(batch))
 
     def _forget_server(self, server: str) -> None:
@@ -370,6 +358,13 @@ class SidecarService:
                 n = self.buffer.add(g)
                 self.metrics.samples.labels("train").inc(n)
                 self._budget = min(self._budget + n * s.replay_ratio / s.batch_size, 4.0 * s.gate_every)
+
+    def cpu_share(self) -> float:
+        """Cores the learner may use now: fixed, or (co-located) what its drafter's earnings pay for."""
+        s = self.settings
+        if not s.share_follows_earnings:
+            return s.cpu_share
+        return earned_cores(self.earned.fraction, s.serving_tax_per_core, s.unearned_tax, s.cpu_share)
 
     def _train_ready(self) -> bool:
         return (not self.paused and self._budget >= 1.0 and len(self.buffer) >= self.settings.min_samples
@@ -502,6 +497,8 @@ class SidecarService:
                 self._seen_gaps[server] = n
         m.version.set(self.serving_version)
         m.paused.set(1 if self.paused else 0)
+        m.cpu_share.set(self._cpu.share)
+        m.earned_fraction.set(self.earned.fraction)
         fill = self.buffer.fill()
         for tenant, n in fill.items():
             m.buffer_samples.labels(tenant).set(n)

@@ -56,6 +56,22 @@ class SidecarSettings(BaseSettings):
         description="Average CPU the sidecar may use, in cores (a token bucket over ~2 s; training waits while it "
         "is spent): a co-located sidecar keeps it below one so serving keeps the rest of the machine.",
     )
+    share_follows_earnings: bool = Field(
+        default=False,
+        description="For a sidecar on the servers' cores: its CPU share follows what its drafter earns there "
+        "(`sidecar/budget.py`): `unearned_tax / serving_tax_per_core` cores while the drafter supplies no served "
+        "tokens, up to half of its share of the emitted tokens in serving time, never above cpu_share.",
+    )
+    serving_tax_per_core: float = Field(
+        default=3.0, gt=0.0, le=1000.0,
+        description="How much slower serving runs per core the co-located learner takes (measured on the 2-core "
+        "CPU: 0.23 of a core made the target's forward 1.72x slower).",
+    )
+    unearned_tax: float = Field(
+        default=0.01, ge=0.0, lt=1.0,
+        description="The serving slowdown a co-located learner may cause while its drafter earns nothing (it "
+        "still learns, slowly, so that it can start to earn).",
+    )
 
     # -- replay buffer ------------------------------------------------------------------------------------------
     tenant_capacity: int = Field(

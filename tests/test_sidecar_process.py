@@ -56,7 +56,7 @@ def test_spawned_sidecar_dies_with_its_parent(sig):
             with open(f"/proc/{child}/sched") as f:
                 policy = next(int(x.split(":")[1]) for x in f if x.startswith("policy"))
             assert policy == getattr(os, "SCHED_IDLE", 5)
-            assert "scheduling SCHED_IDLE, cpu share 0.25 cores" in (root / "state" / "sidecar.log").read_text()
+            assert "scheduling SCHED_IDLE, cpu share 0.0033 cores (follows earnings, at most 0.25)" in (root / "state" / "sidecar.log").read_text()
         parent.send_signal(sig)  # SIGKILL: no cleanup of the parent's runs at all
         parent.wait(10)
         deadline = time.monotonic() + 20

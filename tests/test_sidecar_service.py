@@ -16,7 +16,7 @@ from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.heads.adaptive import AdaptiveHead
 from adaspec.core.online.attach import OnlineAdaptive
 from adaspec.core.online.transport import Transport
-from adaspec.core.online.wire import AdminRequest, LogBatch, StepEntry
+from adaspec.core.online.wire import AdminRequest, LogBatch, StepEntry, encode
 from adaspec.core.heads.adaptive_base import write_base
 from adaspec.sidecar.service import SidecarService
 from adaspec.sidecar.settings import SidecarSettings
@@ -289,6 +289,45 @@ def test_pause_stops_training_but_not_ingest(target, root):
     finally:
         online.close()
         svc.close()
+
+
+def test_a_colocated_learner_trains_only_as_its_drafter_earns(target, root):
+    """A co-located sidecar process (`spawn_sidecar(colocated=True)`): logs of plain decoding (its drafter
+    earns nothing) leave it at its floor share -- after its first update the bucket stays empty -- while logs in
+    which the drafter's drafts are accepted raise its share, and it trains. Its status shows both numbers."""
+    from adaspec.sidecar.process import spawn_sidecar
+
+    engine, drafter = engine_with_adaptive(target, inner_size=64)
+    ts = transport_settings(root)
+    knobs = dict(lr=3e-3, batch_size=32, min_samples=16, gate_every=1000, holdout_fraction=0.25, poll_ms=10,
+                 serving_tax_per_core=1.0, unearned_tax=1e-5, cpu_share=1.0)
+    with spawn_sidecar(ts, root / "state", head=drafter.head, settings=knobs, env={"OMP_NUM_THREADS": "1"},
+                       colocated=True, ready_timeout_s=60) as sidecar:
+        online = OnlineAdaptive(engine, drafter, ts, registry=CollectorRegistry()).start()
+        try:
+            engine.generate(stream(templates(), 8), PARAMS, FixedPolicy("none", 0))
+            online.publisher.flush()
+            assert _wait(lambda: sidecar.status()["buffer_samples"] > 50, timeout=10)
+            time.sleep(1.0)
+            st = sidecar.status()
+            assert st["earned_fraction"] == 0.0 and st["cpu_share"] == pytest.approx(1e-5)
+            assert st["updates"] <= 1
+            # then the servers report steps in which the drafter's drafts supply most tokens (no features:
+            # the samples already buffered are what it trains on)
+            earning = [StepEntry(step=i, request_id=f"e{i}", tenant="t", drafter="adaptive", k=3, drafted=3,
+                                 accepted=3, emitted=4, draft_tokens=[], emitted_tokens=[], confidence=[],
+                                 weight_version=0) for i in range(64)]
+            with Transport(ts) as t:
+                pusher = t.log_pusher()
+                assert pusher.send(encode(LogBatch(server_id="earner", seq=0, entries=earning)))
+                ok = _wait(lambda: sidecar.status()["updates"] >= st["updates"] + 3, timeout=20)
+                pusher.close()
+            assert ok, sidecar.status()["cpu_share"]
+            st = sidecar.status()
+            assert st["earned_fraction"] > 0.0
+            assert st["cpu_share"] == pytest.approx(st["earned_fraction"] / 2, rel=0.01, abs=1e-4)
+        finally:
+            online.close()
 
 
 def _free_port() -> int:

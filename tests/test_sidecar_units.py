@@ -502,7 +502,7 @@ def test_cpu_budget_holds_the_average_share():
     refills it at `share` per second, and it never banks more than two seconds' worth."""
     import time
 
-    from adaspec.sidecar.service import CpuBudget
+    from adaspec.sidecar.budget import CpuBudget
 
     budget = CpuBudget(0.25)
     assert budget.available() and budget.tokens <= 0.5 + 1e-6
@@ -513,6 +513,42 @@ def test_cpu_budget_holds_the_average_share():
     time.sleep(1.0)  # +0.25 s of budget: back above zero only after the debt (~0.2 s) is repaid
     assert budget.available()
     assert budget.tokens <= 0.25 * 1.2
+
+
+def _served(drafter, emitted: int, accepted: int, prefill: bool = False) -> StepEntry:
+    drafted = accepted if drafter else 0
+    return StepEntry(step=1, request_id="r", tenant="t", drafter=drafter, k=drafted, drafted=drafted,
+                     accepted=accepted, emitted=emitted, draft_tokens=[], emitted_tokens=[], confidence=[],
+                     weight_version=0, prefill=prefill)
+
+
+def test_earned_share_is_the_drafters_accepted_share_of_recent_emitted_tokens():
+    """Only the trained drafter's accepted tokens count as earned, every drafter's (and plain) decode tokens
+    as emitted, prefills as neither; the window keeps the newest emitted tokens."""
+    from adaspec.sidecar.budget import EarnedShare
+
+    e = EarnedShare("adaptive", window=100)
+    assert e.fraction == 0.0
+    e.add([_served(None, 1, 0)] * 10 + [_served("suffix", 4, 3)] * 5 + [_served("adaptive", 3, 2)] * 10)
+    assert (e.earned, e.emitted) == (20, 60)
+    e.add([_served("adaptive", 9, 8, prefill=True)])  # a prefill's tokens are not decode work
+    assert (e.earned, e.emitted) == (20, 60)
+    e.add([_served(None, 1, 0)] * 60)  # 120 emitted: the oldest entries leave the window
+    assert e.emitted < 100 and e.earned < 20
+    e.add([_served(None, 1, 0)] * 100)
+    assert e.fraction == 0.0
+
+
+def test_a_colocated_learners_cores_follow_its_drafters_earnings():
+    """Unearned: the floor (unearned_tax / tax per core); then half the earned share of serving time, converted
+    by the tax per core, capped at cpu_share; never below the floor."""
+    from adaspec.sidecar.budget import earned_cores
+
+    assert earned_cores(0.0, 3.0, 0.01, 0.25) == pytest.approx(0.01 / 3.0)
+    assert earned_cores(0.001, 3.0, 0.01, 0.25) == pytest.approx(0.01 / 3.0)
+    assert earned_cores(0.3, 3.0, 0.01, 0.25) == pytest.approx(0.05)
+    assert earned_cores(1.0, 1.0, 0.01, 0.25) == 0.25
+    assert earned_cores(0.3, 3.0, 0.0, 0.25) > earned_cores(0.2, 3.0, 0.0, 0.25)
 
 
 def test_low_priority_applies_and_spawned_colocated_sidecars_use_it(tmp_path):
@@ -528,6 +564,7 @@ def test_low_priority_applies_and_spawned_colocated_sidecars_use_it(tmp_path):
     from adaspec.sidecar import process
 
     assert process.COLOCATED["priority"] == "idle" and 0 < process.COLOCATED["cpu_share"] < 1
+    assert process.COLOCATED["share_follows_earnings"] is True
     s = SidecarSettings(priority="idle", cpu_share=0.5, state_dir=tmp_path)
     assert s.priority == "idle" and s.cpu_share == 0.5
     with pytest.raises(ValueError):
