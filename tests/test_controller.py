@@ -291,6 +291,58 @@ def test_exploration_skips_a_drafter_that_could_not_pay_even_if_always_right():
     assert "dear" in seen  # the control: at the same price as the other it is explored
 
 
+def _emitting(step: int, rid: str, emitted: list[int], drafter: str | None = None, conf: list[float] = ()) -> StepRecord:
+    rec = record(step, rid, drafter, len(conf), len(emitted) - 1, list(conf))
+    rec.emitted_tokens = list(emitted)
+    return rec
+
+
+def test_peeked_drafts_the_plan_did_not_serve_are_scored_against_what_the_request_emits():
+    """A peeked suffix draft the step does not serve is matched against the tokens the request emits over the
+    next steps: its calibrator gets (confidences, matched prefix) once a token differs or all match -- so a
+    drafter that is never planned still gains evidence. A served peeked draft is counted once (by its own
+    feedback), and nothing is scored before the outcome is known."""
+    costs = CostModel(verify_fixed_s=0.01, verify_token_s=0.05, draft_token_s=0.0, frozen=True,
+                      draft_costs={"suffix": 1e-5})
+    pol = AtlasPolicy(["suffix"], ControllerSettings(guarded=(), explore_every=0), costs=costs)
+    cal = pol.calibrators[0]
+    st = [state("a")]
+    pol.peeked("suffix", st, [Draft([7, 8, 9], [0.9, 0.8, 0.7])])
+    assert [p.drafter for p in pol.plan(st)] == [None]  # verify too dear: not served
+    pol.feedback([_emitting(pol.step, "a", [7])])
+    assert cal.evidence == 0.0  # one of three tokens known, all matching so far
+    pol.plan(st)
+    pol.feedback([_emitting(pol.step, "a", [8])])
+    assert cal.evidence == 0.0
+    pol.plan(st)
+    pol.feedback([_emitting(pol.step, "a", [5])])  # the third token differs: 2 accepted, 1 rejection
+    assert cal.evidence == pytest.approx(3.0, rel=1e-3)
+    before = [cal.prob(0.9, 0), cal.prob(0.7, 2)]
+    # a whole matching draft in one step
+    pol.peeked("suffix", st, [Draft([1, 2], [0.9, 0.8])])
+    pol.plan(st)
+    pol.feedback([_emitting(pol.step, "a", [1, 2, 4])])
+    assert cal.evidence == pytest.approx(5.0, rel=1e-3)  # (evidence decays with its half-life)
+    assert cal.prob(0.9, 0) >= before[0]
+    # served as peeked: the record's own feedback counts it, the shadow does not count it again
+    cheap = AtlasPolicy(["suffix"], ControllerSettings(guarded=(), explore_every=0),
+                        costs=CostModel(verify_fixed_s=0.01, verify_token_s=1e-6, draft_token_s=0.0, frozen=True,
+                                        draft_costs={"suffix": 1e-6}))
+    for _ in range(80):  # enough evidence that the peek is used, with high acceptance
+        cheap.peeked("suffix", st, [Draft([1, 2], [0.9, 0.9])])
+        plan = cheap.plan(st)[0]
+        if plan.drafter:
+            cheap.feedback([_emitting(cheap.step, "a", [1, 2, 3][: plan.k + 1], "suffix", [0.9, 0.9][: plan.k])])
+        else:
+            cheap.feedback([_emitting(cheap.step, "a", [1, 2, 3])])
+    ev = cheap.calibrators[0].evidence
+    cheap.peeked("suffix", st, [Draft([1, 2], [0.9, 0.9])])
+    plan = cheap.plan(st)[0]
+    assert plan.drafter == "suffix" and plan.k == 2
+    cheap.feedback([_emitting(cheap.step, "a", [1, 2, 3], "suffix", [0.9, 0.9])])
+    assert cheap.calibrators[0].evidence == pytest.approx(ev + 2.0, rel=1e-3)
+
+
 def test_padded_exploration_fills_every_idle_row_and_keeps_planned_rows():
     """With padded verify the probe's width is paid by the whole batch, so every row that drafts nothing takes
     part (not one row at the batch's expense); rows with a plan keep it."""

@@ -62,7 +62,7 @@ class _Req:
     """Controller state of one live request (kept small: it is touched for every request every step)."""
 
     __slots__ = ("tenant", "cum", "seen", "kcap", "plan_d", "plan_k", "memo", "memo_d", "explore", "peek",
-                 "peek_step")
+                 "peek_step", "shadow")
 
     def __init__(self, tenant: _Group, n_drafters: int) -> None:
         self.tenant = tenant
@@ -76,6 +76,9 @@ class _Req:
         self.explore = False
         self.peek: list[list[float] | None] | None = None  # this step's calibrated curves of peeked drafts
         self.peek_step = -1
+        #: A peeked draft the step did not serve, scored against the tokens the request emits next:
+        #: [drafter index, tokens, confidences, tokens matched so far, step peeked].
+        self.shadow: list | None = None
 
 
 def make_costs(s: ControllerSettings) -> CostModel:
@@ -216,7 +219,13 @@ class AtlasPolicy(PolicyBase):
         request from the calibrated confidence of the draft it actually has (an empty draft: nothing to gain)
         instead of from running statistics -- a domain change shows at once, not after a few drafts."""
         d = self.index.get(drafter)
-        if d is None or self.calibrators[d].evidence < self.settings.peek_min_evidence:
+        if d is None:
+            return
+        for st in requests:
+            if st.request_id not in self.requests:
+                self._admit(st.request_id, st.tenant)
+        self._shadow(drafter, requests, drafts)
+        if self.calibrators[d].evidence < self.settings.peek_min_evidence:
             return
         cal, step, D = self.calibrators[d], self.step + 1, len(self.names)
         for st, draft in zip(requests, drafts):
@@ -226,6 +235,48 @@ class AtlasPolicy(PolicyBase):
             if r.peek_step != step:
                 r.peek, r.peek_step = [None] * D, step
             r.peek[d] = cal.cumulative(draft.confidence) if draft.tokens else []
+
+    def _shadow(self, drafter: str, requests: Sequence[PlanRequest], drafts: Sequence[Draft]) -> None:
+        """Keep one peeked draft per request (while none is pending) to score against what the request emits
+        next: a deterministic draft token is accepted with the target's probability of it, and the token the
+        target emits there is x with that same probability, so matching the emitted tokens is an unbiased
+        acceptance sample -- exact under greedy. The peeked drafter's calibration so learns from every
+        request, including those that the plan does not serve it to (without that, a drafter that rightly
+        drafts little in one domain reaches the next with no evidence and is priced from stale averages)."""
+        d = self.index.get(drafter)
+        if d is None:
+            return
+        step = self.step + 1
+        for st, draft in zip(requests, drafts):
+            if not draft.tokens:
+                continue
+            r = self.requests.get(st.request_id)
+            if r is not None and r.shadow is None:
+                r.shadow = [d, list(draft.tokens), list(draft.confidence), 0, step]
+
+    def _score_shadow(self, r: _Req, rec: StepRecord) -> None:
+        """Advance a request's pending shadow draft over the tokens this step emitted; when it is decided (a
+        token differs, or all matched) its outcome goes to the drafter's calibrator."""
+        sh = r.shadow
+        d, tokens, conf, matched, step = sh
+        if step == self.step and rec.drafter == self.names[d]:
+            r.shadow = None  # served as peeked: the step's own feedback counts it
+            return
+        if not rec.emitted_tokens:
+            r.shadow = None  # an engine that does not expose the emitted ids: nothing to score against
+            return
+        n = len(tokens)
+        for tok in rec.emitted_tokens:
+            if tok != tokens[matched]:
+                break
+            matched += 1
+            if matched == n:
+                break
+        else:
+            sh[3] = matched
+            return
+        self.calibrators[d].update(conf, matched)
+        r.shadow = None
 
     # -- plan ------------------------------------------------------------------------------------------------------
     def plan(self, requests: Sequence[PlanRequest]) -> list[Plan]:
@@ -525,6 +576,10 @@ class AtlasPolicy(PolicyBase):
         stale = s.request_stale_steps
         index, reqs, cals, glob = self.index, self.requests, self.calibrators, self.glob
         for rec in records:
+            if not rec.prefill:
+                r = reqs.get(rec.request_id)
+                if r is not None and r.shadow is not None:
+                    self._score_shadow(r, rec)
             name = rec.drafter
             if name is None:
                 continue
