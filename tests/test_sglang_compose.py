@@ -523,6 +523,10 @@ def test_cpu_profile_serves_the_reference_engine_with_its_sidecar_and_no_gpu():
         assert svc["depends_on"]["models-cpu"]["condition"] == "service_completed_successfully"
         assert mounts(svc)["/cache/adaspec"] == mounts(fetch)["/cache/adaspec"]
     assert "sidecar serve" in side["command"][-1] and "--metrics-port 9400" in side["command"][-1]
+    # co-located with serve-cpu: the learner's share follows its drafter's earnings (sidecar/budget.py)
+    env = side["environment"]
+    assert env["ADASPEC_SIDECAR_PRIORITY"] == "idle" and env["ADASPEC_SIDECAR_SHARE_FOLLOWS_EARNINGS"] == "true"
+    assert 0 < float(env["ADASPEC_SIDECAR_CPU_SHARE"]) < 1
     ipc = {name: dict(v.split(":")[:2] for v in svc["volumes"])["adaspec-ipc"] for name, svc in
            (("serve", serve), ("side", side))}
     assert ipc["serve"] == ipc["side"] == serve["environment"]["ADASPEC_TRANSPORT_RUN_DIR"]
