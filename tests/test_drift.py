@@ -261,12 +261,19 @@ def test_cli_drift_json_plot_and_live_sidecar(data_dir, tmp_path):
     assert set(d["acceptance"]["goodput"]["pass"]) == set(d["acceptance"]["pass"])
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     live = tmp_path / "live.json"
-    r = subprocess.run([*common, "--live", "--sidecar", "--policy", "none", "--policy", "adaptive", "--json",
-                        str(live)], capture_output=True, text=True, timeout=900)
+    import os
+
+    r = subprocess.run([*common, "--live", "--sidecar", "--policy", "none", "--policy", "adaptive", "--profile",
+                        "--json", str(live)], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "COLUMNS": "250"})
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "forward" in r.stdout and "learner updates / drafter's earned share / cores" in r.stdout  # --profile
     d = json.loads(live.read_text())
     assert d["mode"] == "live" and isinstance(d["sidecar"]["versions_applied"], list)
     assert d["sidecar"]["logs_dropped"] == 0 and all(d["identical_outputs"].values())
+    learner = d["policies"]["adaptive"]["sidecar"]  # what the co-located learner did, and the share it earned
+    assert isinstance(learner["learner_updates"], int) and 0.0 <= learner["learner_earned_fraction"] <= 1.0
+    assert 0.0 < learner["learner_cpu_share"] <= 0.25
     assert all(p["wall_tok_s"] > 0 for p in d["policies"]["adaptive"]["phases"].values())
 
 

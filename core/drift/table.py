@@ -146,4 +146,12 @@ def print_profile(result: dict[str, Any], console: Console) -> None:
         else:
             learner.append("-")
     t.add_row("sidecar CPU (share of a core)", *learner)
+    earned = []
+    for p in pols.values():
+        sc = p.get("sidecar") or {}
+        if sc.get("learner_updates") is not None:
+            earned.append(f"{sc['learner_updates']} / {sc['learner_earned_fraction']:.1%} / {sc['learner_cpu_share']:.3f}")
+        else:
+            earned.append("-")
+    t.add_row("learner updates / drafter's earned share / cores", *earned)
     console.print(t)
