@@ -138,20 +138,13 @@ def print_profile(result: dict[str, Any], console: Console) -> None:
     t.add_row("decode steps", *[str(p["profile"]["steps"]) for p in pols.values()])
     t.add_row("batch (requests per step)", *[f"{p['profile']['batch_per_step']:.2f}" for p in pols.values()])
     t.add_row("tokens verified per step", *[f"{p['profile']['fed_tokens_per_step']:.2f}" for p in pols.values()])
-    learner = []
+    cpu, earned = [], []
     for p in pols.values():
         sc = p.get("sidecar") or {}
-        if sc.get("cpu_s") is not None:
-            learner.append(f"{sc['cpu_s']:.1f} s ({sc['cpu_s'] / max(1e-9, sc['wall_s']):.0%})")
-        else:
-            learner.append("-")
-    t.add_row("sidecar CPU (share of a core)", *learner)
-    earned = []
-    for p in pols.values():
-        sc = p.get("sidecar") or {}
-        if sc.get("learner_updates") is not None:
-            earned.append(f"{sc['learner_updates']} / {sc['learner_earned_fraction']:.1%} / {sc['learner_cpu_share']:.3f}")
-        else:
-            earned.append("-")
+        cpu.append(f"{sc['cpu_s']:.1f} s ({sc['cpu_s'] / max(1e-9, sc['wall_s']):.0%})"
+                   if sc.get("cpu_s") is not None else "-")
+        earned.append(f"{sc['learner_updates']} / {sc['learner_earned_fraction']:.1%} / {sc['learner_cpu_share']:.3f}"
+                      if sc.get("learner_updates") is not None else "-")
+    t.add_row("sidecar CPU (share of a core)", *cpu)
     t.add_row("learner updates / drafter's earned share / cores", *earned)
     console.print(t)
