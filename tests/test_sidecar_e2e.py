@@ -187,7 +187,10 @@ def test_engine_and_sidecar_processes_learn_swap_survive_kill_and_restart(target
         deadline = time.monotonic() + 30
         while True:  # (the resumed sidecar may still publish newer versions: compare one reading at a time)
             serving = sidecar.status()["version"]
-            if online.stager.newest_version() >= serving or time.monotonic() > deadline:
+            # and it has answered the server's sync (the heartbeat) since the restart: holding the version
+            # already is not an answer
+            answered = online.subscriber.link_up(LINK_TIMEOUT_S)
+            if (online.stager.newest_version() >= serving and answered) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         assert online.stager.newest_version() >= serving >= held
