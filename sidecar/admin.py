@@ -70,7 +70,7 @@ def status(svc: "SidecarService") -> dict[str, Any]:
         "version_source": rec.source if rec else "initial",
         "version_parent": rec.parent if rec else 0,
         "paused": svc.paused,
-        "cpu_share": round(svc._cpu.share, 5),
+        "cpu_share": round(svc.cpu_share(), 5),
         "earned_fraction": round(svc.earned.fraction, 4),
         "uptime_s": round(time.time() - svc.started, 1),
         "updates": t.updates,

@@ -139,7 +139,7 @@ class SidecarService:
         self.last_checkpoint: str = ""
         self.started = time.time()
         self._budget = 0.0
-        self.earned = EarnedShare(s.drafter, s.rollback_window)
+        self.earned = EarnedShare(s.drafter)
         self._cpu = CpuBudget(self.cpu_share())
         self._updates_at_gate = 0
         self._updates_at_ckpt = 0
@@ -322,7 +322,7 @@ class SidecarService:
 
     def ingest(self, batch: LogBatch) -> None:
         """One decoded batch: served-acceptance stats, then training/held-out samples."""
-        s, server = self.settings, batch.server_id
+        server = batch.server_id
         self._servers[server] = None
         self._servers.move_to_end(server)
         while len(self._servers) > self.settings.max_servers:
@@ -331,7 +331,7 @@ class SidecarService:
         self.metrics.entries.labels(server).inc(len(batch.entries))
         self.entries_received += len(batch.entries)
         self.served.add(server, batch.entries)
-        if s.share_follows_earnings:
+        if self.settings.share_follows_earnings:
             self.earned.add(batch.entries)
             self._cpu.share = self.cpu_share()
         self._add_samples(self.assembler.add_batch(batch))
@@ -497,7 +497,7 @@ class SidecarService:
                 self._seen_gaps[server] = n
         m.version.set(self.serving_version)
         m.paused.set(1 if self.paused else 0)
-        m.cpu_share.set(self._cpu.share)
+        m.cpu_share.set(self.cpu_share())
         m.earned_fraction.set(self.earned.fraction)
         fill = self.buffer.fill()
         for tenant, n in fill.items():

@@ -217,42 +217,29 @@ class AtlasPolicy(PolicyBase):
     def peeked(self, drafter: str, requests: Sequence[PlanRequest], drafts: Sequence[Draft]) -> None:
         """This step's proposals of a cheap drafter: once its calibration has evidence, the planner prices it per
         request from the calibrated confidence of the draft it actually has (an empty draft: nothing to gain)
-        instead of from running statistics -- a domain change shows at once, not after a few drafts."""
+        instead of from running statistics -- a domain change shows at once, not after a few drafts.
+
+        Every request also keeps one peeked draft (while none is pending) to score against what it emits next
+        (`_score_shadow`): a deterministic draft token is accepted with the target's probability of it, and the
+        token the target emits there is x with that same probability, so matching the emitted tokens is an
+        unbiased acceptance sample -- exact under greedy. The peeked drafter's calibration so learns from every
+        request, including those the plan does not serve it to (without that, a drafter that rightly drafts
+        little in one domain reaches the next with no evidence and is priced from stale averages)."""
         d = self.index.get(drafter)
         if d is None:
             return
-        for st in requests:
-            if st.request_id not in self.requests:
-                self._admit(st.request_id, st.tenant)
-        self._shadow(drafter, requests, drafts)
-        if self.calibrators[d].evidence < self.settings.peek_min_evidence:
-            return
         cal, step, D = self.calibrators[d], self.step + 1, len(self.names)
+        priced = cal.evidence >= self.settings.peek_min_evidence
         for st, draft in zip(requests, drafts):
             r = self.requests.get(st.request_id)
             if r is None:
                 r = self._admit(st.request_id, st.tenant)
-            if r.peek_step != step:
-                r.peek, r.peek_step = [None] * D, step
-            r.peek[d] = cal.cumulative(draft.confidence) if draft.tokens else []
-
-    def _shadow(self, drafter: str, requests: Sequence[PlanRequest], drafts: Sequence[Draft]) -> None:
-        """Keep one peeked draft per request (while none is pending) to score against what the request emits
-        next: a deterministic draft token is accepted with the target's probability of it, and the token the
-        target emits there is x with that same probability, so matching the emitted tokens is an unbiased
-        acceptance sample -- exact under greedy. The peeked drafter's calibration so learns from every
-        request, including those that the plan does not serve it to (without that, a drafter that rightly
-        drafts little in one domain reaches the next with no evidence and is priced from stale averages)."""
-        d = self.index.get(drafter)
-        if d is None:
-            return
-        step = self.step + 1
-        for st, draft in zip(requests, drafts):
-            if not draft.tokens:
-                continue
-            r = self.requests.get(st.request_id)
-            if r is not None and r.shadow is None:
+            if draft.tokens and r.shadow is None:
                 r.shadow = [d, list(draft.tokens), list(draft.confidence), 0, step]
+            if priced:
+                if r.peek_step != step:
+                    r.peek, r.peek_step = [None] * D, step
+                r.peek[d] = cal.cumulative(draft.confidence) if draft.tokens else []
 
     def _score_shadow(self, r: _Req, rec: StepRecord) -> None:
         """Advance a request's pending shadow draft over the tokens this step emitted; when it is decided (a

@@ -181,7 +181,8 @@ class _SidecarLink:
                 learner = {k: st.get(k) for k in ("updates", "earned_fraction", "cpu_share")}
             except Exception:
                 learner = {"updates": None, "earned_fraction": None, "cpu_share": None}
-            info = {**{f"learner_{k}": v for k, v in learner.items()},"versions_applied": self.online.versions_applied(),
+            info = {**{f"learner_{k}": v for k, v in learner.items()},
+                    "versions_applied": self.online.versions_applied(),
                     "logs_dropped": int(self.online.logs_dropped().get("batches", 0)),
                     "sidecar_alive_at_end": self.process.alive(),
                     "cpu_s": None if cpu is None or self.cpu0 is None else cpu - self.cpu0, "wall_s": wall}
