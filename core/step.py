@@ -58,6 +58,9 @@ class StepRecord:
     emitted_tokens: list[int] = field(default_factory=list)  # [emitted]
     #: Weight version of the drafter that drafted this step (0: initial weights, or a model-free drafter).
     weight_version: int = 0
+    #: Draft tokens the drafter computed for this request (>= drafted: more when the policy trimmed them, or
+    #: kept an exploration draft out of the forward); what the step's drafting cost. 0: as drafted.
+    proposed: int = 0
     #: [kept, L, d] target hidden states of the kept positions, only when the engine records features.
     features: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
@@ -173,7 +176,9 @@ def propose_chains(
             if d.tokens:
                 n = int(policy.trim(requests[i], name, d))
                 if n < len(d.tokens):
+                    full = len(d.tokens)
                     d = d.truncated(max(0, n))
+                    d.proposed = full
             drafts[i] = d
         if profile is not None:
             profile.add(f"draft:{name}", t1 - t0)

@@ -343,21 +343,36 @@ def test_peeked_drafts_the_plan_did_not_serve_are_scored_against_what_the_reques
     assert cheap.calibrators[0].evidence == pytest.approx(ev + 2.0, rel=1e-3)
 
 
-def test_padded_exploration_fills_every_idle_row_and_keeps_planned_rows():
-    """With padded verify the probe's width is paid by the whole batch, so every row that drafts nothing takes
-    part (not one row at the batch's expense); rows with a plan keep it."""
+def test_padded_exploration_rides_along_a_planned_width_and_is_a_shadow_on_a_plain_step():
+    """With padded verify a probe's width is paid by the whole batch: when a row's chain pays, every row that
+    drafts nothing rides along within its width (rows with a plan keep it). When nothing is planned, a verified
+    probe would make a plain forward speculative: one row drafts, `trim` keeps the draft out of the forward
+    (0 tokens verified) and scores it against what the request emits next, which teaches b's calibration and
+    curves as a served draft's outcome would -- and the step's own record teaches nothing."""
     costs = CostModel(verify_fixed_s=0.01, verify_token_s=0.005, draft_token_s=0.0, frozen=True)  # nothing pays
 
-    def explore_rows(padded: bool) -> list[str | None]:
+    def explore_rows(padded: bool) -> tuple[AtlasPolicy, list, list]:
         pol = AtlasPolicy(["a", "b"], ControllerSettings(guarded=(), explore_every=5, explore_k=2), costs=costs)
         pol.set_padded_verify(padded)
         states = [state(f"r{i}") for i in range(4)]
         pol.plan(states)
         pol.last_used = [pol.step + 1, -100]  # only b is due for exploration
-        return [p.drafter for p in pol.plan(states)]
+        return pol, states, pol.plan(states)
 
-    assert explore_rows(padded=True) == ["b"] * 4
-    assert sum(d == "b" for d in explore_rows(padded=False)) == 1  # ragged: one row's own tokens, one row
+    for padded in (True, False):
+        pol, states, plans = explore_rows(padded)
+        probed = [i for i, p in enumerate(plans) if p.drafter == "b"]
+        assert len(probed) == 1 and plans[probed[0]].k == 2, padded
+    i = probed[0]
+    rid = states[i].request_id
+    n0, ev0 = pol.glob_n[1], pol.calibrators[1].evidence
+    assert pol.trim(states[i], "b", Draft([7, 8], [0.9, 0.8])) == 0  # drafted, not verified
+    pol.feedback([_emitting(pol.step, rid, [7], "b", [])])  # the plain step: b's record verified nothing
+    assert pol.glob_n[1] == n0 and pol.calibrators[1].evidence == ev0  # nothing learned from an empty record
+    pol.plan(states)
+    pol.feedback([_emitting(pol.step, rid, [5])])  # the second token differs: 1 of 2 matched
+    assert pol.glob_n[1] == n0 + 1 and pol.calibrators[1].evidence == pytest.approx(ev0 + 2.0, rel=1e-3)
+    assert pol.curve("b", rid)[0] > pol.curve("b", rid)[1]  # the first token survived, the second did not
     # r0 has a chain that pays: it keeps it, the others ride along within its width
     pol = AtlasPolicy(["a", "b"], ControllerSettings(guarded=(), explore_every=5, explore_k=2),
                       costs=CostModel(verify_fixed_s=0.05, verify_token_s=0.001, draft_token_s=0.0, frozen=True))

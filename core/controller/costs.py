@@ -174,8 +174,9 @@ class CostModel:
             self.observe_verify(tokens, r0.batch_size, r0.verify_s, any(r.drafted for r in recs))
         per: dict[str, int] = {}
         for r in recs:
-            if r.drafter is not None and r.drafted:
-                per[r.drafter] = per.get(r.drafter, 0) + r.drafted
+            n = r.proposed if r.proposed > r.drafted else r.drafted  # what the step's drafting computed
+            if r.drafter is not None and n:
+                per[r.drafter] = per.get(r.drafter, 0) + n
         if per and not any(d in self.draft_step for d in per):  # batched drafters' step costs are given
             self.observe_draft(per, r0.draft_s)
 

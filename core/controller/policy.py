@@ -28,7 +28,8 @@ next token no longer pays for verifying it. A guarded drafter (default "adaptive
 is only a candidate once its calibrator has enough evidence and its recent expected accepted length (a faster
 global EMA) is not below the fallback's ("static"); otherwise it is excluded and the remaining drafters
 (static, when it is the best of them) take over. A drafter unused for `explore_every` steps gets short drafts
-on a deterministic schedule so its calibration keeps learning. A drafter made unavailable from outside
+on a deterministic schedule so its calibration keeps learning (on a decode step with nothing planned they are
+shadows: drafted, not verified, and scored against the tokens the request then emits). A drafter made unavailable from outside
 (`set_available`; the online-learned one while its sidecar is silent) is neither planned nor explored.
 Nothing here is random: equal inputs give equal plans (the seed only shifts the exploration rotation).
 """
@@ -62,7 +63,7 @@ class _Req:
     """Controller state of one live request (kept small: it is touched for every request every step)."""
 
     __slots__ = ("tenant", "cum", "seen", "kcap", "plan_d", "plan_k", "memo", "memo_d", "explore", "peek",
-                 "peek_step", "shadow")
+                 "peek_step", "shadow", "shadowing")
 
     def __init__(self, tenant: _Group, n_drafters: int) -> None:
         self.tenant = tenant
@@ -76,9 +77,23 @@ class _Req:
         self.explore = False
         self.peek: list[list[float] | None] | None = None  # this step's calibrated curves of peeked drafts
         self.peek_step = -1
-        #: A peeked draft the step did not serve, scored against the tokens the request emits next:
-        #: [drafter index, tokens, confidences, tokens matched so far, step peeked].
-        self.shadow: list | None = None
+        #: Drafts the step did not serve, scored against the tokens the request emits next (`_Shadow`): at most
+        #: one per drafter, a peeked one (calibration only) or an exploration draft kept out of a plain forward.
+        self.shadow: list[_Shadow] = []
+        self.shadowing = -1  # the drafter whose exploration draft this step's `trim` keeps as a shadow
+
+
+class _Shadow:
+    """A draft scored against what its request emits instead of being verified. `curve` set: an exploration
+    draft, whose outcome teaches the survival curves as a served draft's would (k = `kcap`); None: a peeked
+    draft, whose outcome goes to the calibrator alone."""
+
+    __slots__ = ("d", "tokens", "conf", "matched", "step", "curve", "kcap")
+
+    def __init__(self, d: int, tokens: list[int], conf: list[float], step: int,
+                 curve: list[float] | None = None, kcap: int = 0) -> None:
+        self.d, self.tokens, self.conf, self.matched, self.step = d, tokens, conf, 0, step
+        self.curve, self.kcap = curve, kcap
 
 
 def make_costs(s: ControllerSettings) -> CostModel:
@@ -234,36 +249,38 @@ class AtlasPolicy(PolicyBase):
             r = self.requests.get(st.request_id)
             if r is None:
                 r = self._admit(st.request_id, st.tenant)
-            if draft.tokens and r.shadow is None:
-                r.shadow = [d, list(draft.tokens), list(draft.confidence), 0, step]
+            if draft.tokens and not any(sh.d == d for sh in r.shadow):
+                r.shadow.append(_Shadow(d, list(draft.tokens), list(draft.confidence), step))
             if priced:
                 if r.peek_step != step:
                     r.peek, r.peek_step = [None] * D, step
                 r.peek[d] = cal.cumulative(draft.confidence) if draft.tokens else []
 
-    def _score_shadow(self, r: _Req, rec: StepRecord) -> None:
-        """Advance a request's pending shadow draft over the tokens this step emitted; when it is decided (a
-        token differs, or all matched) its outcome goes to the drafter's calibrator."""
-        sh = r.shadow
-        d, tokens, conf, matched, step = sh
-        if step == self.step and rec.drafter == self.names[d]:
-            r.shadow = None  # served as peeked: the step's own feedback counts it
-            return
-        if not rec.emitted_tokens:
-            r.shadow = None  # an engine that does not expose the emitted ids: nothing to score against
-            return
-        n = len(tokens)
-        for tok in rec.emitted_tokens:
-            if tok != tokens[matched]:
-                break
-            matched += 1
-            if matched == n:
-                break
-        else:
-            sh[3] = matched
-            return
-        self.calibrators[d].update(conf, matched)
-        r.shadow = None
+    def _score_shadows(self, r: _Req, rec: StepRecord) -> None:
+        """Advance a request's pending shadow drafts over the tokens this step emitted; when one is decided (a
+        token differs, or all matched) its outcome goes to the drafter's calibrator (and, for an exploration
+        draft, to its survival curves, as a served draft's would)."""
+        keep = []
+        for sh in r.shadow:
+            if sh.curve is None and sh.step == self.step and rec.drafter == self.names[sh.d]:
+                continue  # served as peeked: the step's own feedback counts it
+            if not rec.emitted_tokens:
+                continue  # an engine that does not expose the emitted ids: nothing to score against
+            tokens, matched, n = sh.tokens, sh.matched, len(sh.tokens)
+            for tok in rec.emitted_tokens:
+                if tok != tokens[matched]:
+                    break
+                matched += 1
+                if matched == n:
+                    break
+            else:
+                sh.matched = matched
+                keep.append(sh)
+                continue
+            self.calibrators[sh.d].update(sh.conf, matched)
+            if sh.curve is not None:
+                self._learn(sh.d, sh.curve, matched, n, sh.kcap, r, r.tenant)
+        r.shadow = keep
 
     # -- plan ------------------------------------------------------------------------------------------------------
     def plan(self, requests: Sequence[PlanRequest]) -> list[Plan]:
@@ -303,6 +320,7 @@ class AtlasPolicy(PolicyBase):
             room = st.max_new_tokens - len(st.output) - 1
             r.kcap = K if room >= K else (room if room > 0 else 0)
             r.explore = False
+            r.shadowing = -1
             r.memo = None
             pending += len(st.pending)
             rows.append(r)
@@ -368,7 +386,7 @@ class AtlasPolicy(PolicyBase):
             self._fill_batched(B, rows, choice_d, choice_k, curves, lam)
 
         if s.explore_every and not capped:  # the hard cap means no drafting at all, exploration included
-            self._explore(step, B, rows, choice_d, choice_k)
+            self._explore(step, B, rows, choice_d, choice_k, shadow=decode and not any(choice_k[:B]))
         plans = self._plans
         out: list[Plan] = []
         last = self.last_used
@@ -476,7 +494,8 @@ class AtlasPolicy(PolicyBase):
         cm = self.costs
         return self.lam * (cm.b + cm.amortised_draft_cost(self.names[d], batch)) < 1.0
 
-    def _explore(self, step: int, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int]) -> None:
+    def _explore(self, step: int, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int],
+                 shadow: bool = False) -> None:
         """Each drafter unused for `explore_every` steps (a guarded one short of evidence: a quarter of that)
         drafts `explore_k` tokens for `explore_fraction` of the batch (at least one request), on a deterministic
         rotation, so its calibration and curves keep learning.
@@ -486,26 +505,31 @@ class AtlasPolicy(PolicyBase):
         `_extend` applies to each planned token) is not explored: no evidence could ever make the planner pick
         it at these costs. With padded verify every row pays the batch's widest chain: exploration rides along
         within the planned width, taken by every row that drafts nothing (the width is paid once, whatever the
-        number of rows using it; when every row has a plan, `explore_fraction` of them as usual); when nothing
-        is planned it widens the batch by one token, and a guarded drafter short of evidence gets no more
-        probes than the others then (each one costs the whole batch a verified token)."""
+        number of rows using it; when every row has a plan, `explore_fraction` of them as usual).
+
+        `shadow` (a decode step with nothing planned): verifying an exploration draft would turn a plain forward
+        into a speculative one (on this CPU ~30% dearer), so the draft is made but not verified: `trim` keeps it
+        as a shadow scored against the tokens the request emits next (`_score_shadows`), which teaches the
+        calibration and the curves the same outcome at the price of drafting alone. A guarded drafter short of
+        evidence gets no more probes than the others then."""
         s = self.settings
         n = max(1, int(B * s.explore_fraction))
         explore_k = s.explore_k
         padded = self.costs.padded
         width = max(choice_k[:B], default=0)
-        if padded:
+        if padded and not shadow:
             explore_k = max(1, min(explore_k, width))
         for d in range(len(self.names)):
             if not self.available[d]:
                 continue
-            boost = self._short[d] and (not padded or width > 0)
+            boost = self._short[d] and not shadow and (not padded or width > 0)
             period = max(1, s.explore_every // 4) if boost else s.explore_every
             if step - self.last_used[d] < period:
                 continue
             if not self._could_pay(d, B):
                 continue  # cannot pay at any acceptance: its evidence would never be used
-            idle = padded and any(rows[i].kcap and not rows[i].explore and not choice_k[i] for i in range(B))
+            idle = padded and not shadow and any(
+                rows[i].kcap and not rows[i].explore and not choice_k[i] for i in range(B))
             start = (self._explore_seed + step + 7919 * d) % B
             left = B if idle else n
             for o in range(B):
@@ -513,6 +537,8 @@ class AtlasPolicy(PolicyBase):
                 r = rows[i]
                 if r.kcap and not r.explore and not (idle and choice_k[i]):
                     r.explore = True
+                    if shadow:
+                        r.shadowing = d
                     choice_d[i] = d
                     choice_k[i] = min(explore_k, r.kcap)
                     left -= 1
@@ -536,6 +562,11 @@ class AtlasPolicy(PolicyBase):
         r = self.requests.get(request.request_id)
         if r is not None:
             r.memo, r.memo_d = curve, d
+            if r.shadowing == d:  # an exploration draft kept out of a plain forward: scored, not verified
+                r.shadow = [sh for sh in r.shadow if sh.d != d]
+                r.shadow.append(_Shadow(d, list(draft.tokens), list(draft.confidence), self.step, curve,
+                                        min(r.plan_k, r.kcap)))
+                return 0
             if r.explore:
                 return n
         if cal.evidence < self.settings.trim_min_evidence:
@@ -554,19 +585,11 @@ class AtlasPolicy(PolicyBase):
     # -- feedback ---------------------------------------------------------------------------------------------------
     def feedback(self, records: Sequence[StepRecord]) -> None:
         self.costs.observe(records)
-        s = self.settings
-        K = s.max_k
-        w = s.ema_outcome_weight
-        w1 = 1.0 - w
-        ar, at, ag, af = s.ema_request_alpha, s.ema_tenant_alpha, s.ema_global_alpha, s.guard_alpha
-        tgt = self._tgt
-        stale = s.request_stale_steps
-        index, reqs, cals, glob = self.index, self.requests, self.calibrators, self.glob
+        index, reqs, cals = self.index, self.requests, self.calibrators
         for rec in records:
-            if not rec.prefill:
-                r = reqs.get(rec.request_id)
-                if r is not None and r.shadow is not None:
-                    self._score_shadow(r, rec)
+            r = reqs.get(rec.request_id)
+            if r is not None and r.shadow and not rec.prefill:
+                self._score_shadows(r, rec)
             name = rec.drafter
             if name is None:
                 continue
@@ -574,13 +597,13 @@ class AtlasPolicy(PolicyBase):
             if d is None:
                 continue
             conf = rec.confidence
-            a, n = rec.accepted, rec.drafted
-            cal = cals[d]
-            cal.update(conf, a)
-            r = reqs.get(rec.request_id)
             kcap = rec.k
             curve = None
             if r is not None:
+                if r.shadowing == d:  # its draft became a shadow (`trim`): learned once it is decided
+                    r.shadowing = -1
+                    r.memo = None
+                    continue
                 if r.memo_d == d and r.memo is not None:
                     curve = r.memo
                 r.memo = None
@@ -589,52 +612,65 @@ class AtlasPolicy(PolicyBase):
                 tenant = r.tenant
             else:
                 tenant = self._tenant(rec.tenant)
+            cal = cals[d]
+            cal.update(conf, rec.accepted)
             if curve is None:
                 curve = cal.cumulative(conf)
-            m = len(curve)
-            L = kcap if kcap > m else m
-            if L > K:
-                L = K
-            rejected = a < n
-            for j in range(L):
-                cj = curve[j] if j < m else 0.0
-                if j < a:
-                    tgt[j] = w + w1 * cj
-                elif rejected:
-                    tgt[j] = w1 * cj
-                else:
-                    tgt[j] = cj
-            if m >= kcap and 0 < L < K:
-                # The chain stopped because we asked for no more: extend the target with the last token's
-                # conditional rate, so later positions are learned too and k can grow when it pays.
-                rho = curve[m - 1] / curve[m - 2] if m >= 2 and curve[m - 2] > 0.0 else curve[0]
-                x = tgt[L - 1]
-                for j in range(L, K):
-                    x *= rho
-                    tgt[j] = x
-                L = K
-            g = glob[d]
-            gn = self.glob_n[d] = self.glob_n[d] + 1
-            alpha = 1.0 / gn if gn * ag < 1.0 else ag
-            for j in range(L):
-                g[j] += alpha * (tgt[j] - g[j])
-            fast = self.recent[d]
-            alpha = 1.0 / gn if gn * af < 1.0 else af
-            for j in range(L):
-                fast[j] += alpha * (tgt[j] - fast[j])
-            tc = tenant.cum[d]
-            if tc is None:
-                tc = tenant.cum[d] = list(g)
-                tenant.n[d] = gn if gn < _TENANT_PRIOR_DRAFTS else _TENANT_PRIOR_DRAFTS
+            self._learn(d, curve, rec.accepted, rec.drafted, kcap, r, tenant)
+
+    def _learn(self, d: int, curve: list[float], a: int, n: int, kcap: int, r: _Req | None, tenant: _Group) -> None:
+        """One draft's outcome (a of its n tokens accepted, k = kcap asked; `curve` its calibrated survival) into
+        drafter d's global, guard, tenant and request survival curves."""
+        s = self.settings
+        K = s.max_k
+        w = s.ema_outcome_weight
+        w1 = 1.0 - w
+        ar, at, ag, af = s.ema_request_alpha, s.ema_tenant_alpha, s.ema_global_alpha, s.guard_alpha
+        tgt = self._tgt
+        m = len(curve)
+        L = kcap if kcap > m else m
+        if L > K:
+            L = K
+        rejected = a < n
+        for j in range(L):
+            cj = curve[j] if j < m else 0.0
+            if j < a:
+                tgt[j] = w + w1 * cj
+            elif rejected:
+                tgt[j] = w1 * cj
             else:
-                tn = tenant.n[d] = tenant.n[d] + 1
-                alpha = 1.0 / tn if tn * at < 1.0 else at
-                for j in range(L):
-                    tc[j] += alpha * (tgt[j] - tc[j])
-            if r is not None:
-                rc = r.cum[d]
-                if rc is None or self.step - r.seen[d] > stale:
-                    rc = r.cum[d] = list(tc)
-                r.seen[d] = self.step
-                for j in range(L):
-                    rc[j] += ar * (tgt[j] - rc[j])
+                tgt[j] = cj
+        if m >= kcap and 0 < L < K:
+            # The chain stopped because we asked for no more: extend the target with the last token's
+            # conditional rate, so later positions are learned too and k can grow when it pays.
+            rho = curve[m - 1] / curve[m - 2] if m >= 2 and curve[m - 2] > 0.0 else curve[0]
+            x = tgt[L - 1]
+            for j in range(L, K):
+                x *= rho
+                tgt[j] = x
+            L = K
+        g = self.glob[d]
+        gn = self.glob_n[d] = self.glob_n[d] + 1
+        alpha = 1.0 / gn if gn * ag < 1.0 else ag
+        for j in range(L):
+            g[j] += alpha * (tgt[j] - g[j])
+        fast = self.recent[d]
+        alpha = 1.0 / gn if gn * af < 1.0 else af
+        for j in range(L):
+            fast[j] += alpha * (tgt[j] - fast[j])
+        tc = tenant.cum[d]
+        if tc is None:
+            tc = tenant.cum[d] = list(g)
+            tenant.n[d] = gn if gn < _TENANT_PRIOR_DRAFTS else _TENANT_PRIOR_DRAFTS
+        else:
+            tn = tenant.n[d] = tenant.n[d] + 1
+            alpha = 1.0 / tn if tn * at < 1.0 else at
+            for j in range(L):
+                tc[j] += alpha * (tgt[j] - tc[j])
+        if r is not None:
+            rc = r.cum[d]
+            if rc is None or self.step - r.seen[d] > s.request_stale_steps:
+                rc = r.cum[d] = list(tc)
+            r.seen[d] = self.step
+            for j in range(L):
+                rc[j] += ar * (tgt[j] - rc[j])

@@ -80,6 +80,9 @@ class Draft:
     tokens: list[int] = field(default_factory=list)
     confidence: list[float] = field(default_factory=list)
     q: torch.Tensor | None = None
+    #: Tokens the drafter computed before the policy trimmed this proposal (0: untrimmed, len(tokens)): what
+    #: drafting it cost, verified or not.
+    proposed: int = 0
 
     def __post_init__(self) -> None:
         if len(self.confidence) != len(self.tokens):

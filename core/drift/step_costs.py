@@ -54,7 +54,7 @@ class StepCosts:
         its own (`step_shares` adds those); padded, each row costs the step's widest chunk (`width`)."""
         tokens = width if self.padded and width is not None else rec.chunk_tokens
         return ((self.a + (self.spec if spec else 0.0)) / rec.batch_size + self.b * tokens + self.c
-                + rec.drafted * self.draft_cost(rec.drafter))
+                + max(rec.drafted, rec.proposed) * self.draft_cost(rec.drafter))
 
     def step_shares(self, records: Sequence[StepRecord]) -> list[float]:
         """Each request's share of one step's modeled time: `record_time`, plus each batched drafter's steps

@@ -353,6 +353,7 @@ class SpecEngine:
                 draft_s=draft_s, verify_s=verdict.verify_s, prefill=prefill, overhead_s=self._overhead_s,
                 draft_tokens=list(d.tokens), emitted_tokens=list(emitted[:n_emitted]),
                 weight_version=self.drafters[name].weight_version if name else 0,
+                proposed=max(len(d.tokens), d.proposed),
             )
             h = verdict.hidden[i]
             if self.record_features and h is not None:
