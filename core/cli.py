@@ -374,6 +374,10 @@ def bench_drift_cmd(
         "over sockets (logs out, weights swapped in between steps, at a bounded share of the cores); --in-process "
         "trains inside the serving loop between steps (the replay's learner; live only for comparison)."),
     policy: list[str] = typer.Option([], "--policy", help="Policies to run (default: all)."),
+    interleave: bool = typer.Option(
+        True, "--interleave/--sequential", help="Live: step every policy's run in turn, so the machine's drift "
+        "over minutes falls on all of them alike (default), or run one policy after another (a learner's "
+        "interference then falls on its own policy alone)."),
     max_new_tokens: int = typer.Option(128, min=1),
     batch_size: int = typer.Option(4, min=1),
     lookahead: int = typer.Option(6, "--lookahead", "-k", min=1, help="k of the fixed-k baselines."),
@@ -425,7 +429,7 @@ def bench_drift_cmd(
     args = DriftArgs(phases=phases, policies=policy or default, k=lookahead,
                      batch_size=batch_size,
                      max_new_tokens=max_new_tokens, window=window, live=live, learn=not no_learn,
-                     remeasure_costs=remeasure_costs, costs=costs, sidecar=sidecar)
+                     remeasure_costs=remeasure_costs, costs=costs, sidecar=sidecar, interleave=interleave)
     with Progress(console=err, transient=True) as progress:
         result = run_drift(args, s, target, load_controller_settings(), progress)
     print_drift(result, out)

@@ -236,6 +236,41 @@ def test_real_model_replay_and_live_give_identical_tau(real_runtime, real_settin
 
 
 @pytest.mark.model
+def test_interleaved_live_runs_are_the_sequential_runs_stepped_in_turn(real_runtime, real_settings, data_dir):
+    """`run_interleaved` (the live benchmark's default, so the machine's drift falls on every policy alike) only
+    changes when each run steps, never what it does: outputs, per-request tau and drafter tokens equal those
+    of the same runs one after another, and each step goes to the run that has emitted the fewest tokens."""
+    from adaspec.core.controller.settings import ControllerSettings
+    from adaspec.core.drift.runner import PolicyRunner, run_interleaved, run_policy
+
+    target = real_runtime.target
+    stream = build_stream([PhaseSpec("chat", data_dir / "mt_bench.jsonl", 2),
+                           PhaseSpec("code", data_dir / "code_edit.jsonl", 2)])
+    prompts = [target.encode(r.prompt) for r in stream]
+    names = ("none", "suffix", "atlas")
+    args = (stream, prompts, None, target, real_settings, ControllerSettings(), COSTS, 4, 2, 16)
+    kw = dict(live=True, learn=False, online_costs=False)
+    alone = [run_policy(n, *args, **kw) for n in names]
+    runners = [PolicyRunner(n, *args, **kw) for n in names]
+    order = []
+    for r in runners:
+        def step(r=r, inner=r.step):
+            live = [x.emitted for x in runners if not x.session.idle]
+            if not r.session.idle:  # (a finished run's last call only reports that it is done)
+                order.append((r.name, r.emitted, min(live)))
+            return inner()
+        r.step = step
+    together = run_interleaved(runners)
+    for a, b in zip(alone, together):
+        assert a.outputs == b.outputs, a.name
+        assert [(o.tau, o.drafter_tokens) for o in a.outcomes] == [(o.tau, o.drafter_tokens) for o in b.outcomes]
+    assert all(mine == least for _, mine, least in order)
+    switches = sum(x[0] != y[0] for x, y in zip(order, order[1:]))
+    assert switches > 10  # they really alternate, not one after another
+    assert sum(sum(o.drafter_tokens.values()) for o in together[1].outcomes) > 0  # suffix drafted something
+
+
+@pytest.mark.model
 def test_cli_drift_json_plot_and_live_sidecar(data_dir, tmp_path):
     """The CLI end to end on a tiny stream: replay with every policy (JSON keys, PNG), then live with a real
     sidecar process (its JSON block); outputs identical across policies (exit 0)."""

@@ -68,79 +68,148 @@ def run_policy(
     """Fresh drafters (nothing carries over between policies), the stream in order, continuous batching.
     online_costs (default: live): the controller's cost model keeps learning from the steps it times; off, it
     decides from the start-up costs alone, as a replay does (so a live run can be compared with its replay)."""
-    t_start = time.perf_counter()
-    entry = policy_registry.entry(name)
-    names = entry.drafters
-    learning = learn and "adaptive" in names
-    external = learning and sidecar  # a real sidecar process learns from the engine's logs
-    if external and not live:
-        raise ValueError("a real sidecar needs the live engine (--live)")
-    s = settings.model_copy(update={"adaptive_collect": 32768 if learning and not external else 0})
-    drafters = make_drafters(names, s, target)
-    if live:
-        engine: SpecEngine = SpecEngine(target, drafters, batch_size=batch_size)
-    else:
-        engine = TraceEngine(target, drafters, costs.verify_time, batch_size=batch_size, padded_verify=costs.padded)
-    specs = [RequestSpec(list(p), f"r{req.index}", TENANT) for req, p in zip(stream, prompts)]
-    trace_by_id = {sp.request_id: tr for sp, tr in zip(specs, traces or ())}
-    if (not live or entry.needs_oracle) and len(trace_by_id) != len(specs):
-        raise ValueError(f"policy {name!r} {'replays' if not live else 'plans from'} recorded traces: none given")
-    if isinstance(engine, TraceEngine):
-        engine.traces = trace_by_id
-    oracle = TraceOracle(drafters, trace_by_id, controller.max_k) if entry.needs_oracle else None
-    policy = policy_registry.make_policy(name, k=k, settings=controller, costs=costs.cost_model(frozen=not (live if online_costs is None else online_costs)), oracle=oracle,
-                                         prepare=None if oracle is None else oracle.prepare)
-    timed = TimedPolicy(policy)
-    learner = None
-    online = None
-    adapted = learning and isinstance(drafters["adaptive"], AdaptedStaticDrafter)
-    if external and adapted:
-        raise ValueError("the adapter kind of adaptive drafter learns in-process only so far (--in-process)")
-    if external:
-        online = _SidecarLink(engine, drafters["adaptive"], name, learner_kwargs)
-    elif adapted:
-        from adaspec.sidecar.adapter_learner import AdapterLearner, AdapterLearnerSettings
-
-        learner = AdapterLearner(drafters["adaptive"], AdapterLearnerSettings(**(adapter_kwargs or {})))
-        engine.between_steps.append(learner.between_steps)
-    elif learning:
-        from adaspec.sidecar.inprocess import InProcessSidecar  # the sidecar's own pipeline, run in-process
-        from adaspec.sidecar.settings import SidecarSettings
-
-        drafter = drafters["adaptive"]
-        assert isinstance(drafter, AdaptiveDrafter)
-        knobs = {"replay_ratio": LEARN_REPLAY_RATIO, **(learner_kwargs or {})}
-        learner = InProcessSidecar(drafter, SidecarSettings(**knobs))
-        engine.between_steps.append(learner.between_steps)
-    clock = _StepClock()
-    engine.between_steps.append(clock.start)
-    engine.step_listeners.append(clock)
-    modeled = ModeledClock(costs)
-    engine.step_listeners.append(modeled)
+    runner = PolicyRunner(name, stream, prompts, traces, target, settings, controller, costs, k, batch_size,
+                          max_new_tokens, live, learn, learner_kwargs, sidecar, online_costs, adapter_kwargs)
     try:
-        results = engine.generate(specs, SamplingParams(max_new_tokens=max_new_tokens), timed)
+        while runner.step():
+            pass
     finally:
-        sidecar_info = online.close() if online is not None else None
-    outs = []
-    for req, res in zip(stream, results):
-        o = outcome(req.index, req.phase, res, modeled)
+        run = runner.finish()
+    return run
+
+
+def run_interleaved(runners: Sequence["PolicyRunner"]) -> list[PolicyRun]:
+    """Step several live policy runs in turn, always the one that has emitted the fewest tokens (outputs are
+    identical, so all of them traverse the stream's phases together), so that whatever the machine does
+    meanwhile -- on a shared VM one run of plain decoding can be 20-85% faster than the next -- falls on every
+    policy alike instead of on whichever ran during it.
+
+    The runs' sidecars keep running throughout (at their bounded share, at idle priority): paused while the
+    others step they would miss their servers' heartbeats. So a learner's interference falls on every policy
+    alike here; a sequential run (`--sequential`) charges it to its own policy alone."""
+    try:
+        active = list(runners)
+        while active:
+            r = min(active, key=lambda x: x.emitted)
+            if not r.step():
+                active.remove(r)
+    finally:
+        runs = [r.finish() for r in runners]
+    return runs
+
+
+class PolicyRunner:
+    """One policy's run over the stream, one engine step at a time (`run_policy` steps it to the end;
+    `run_interleaved` steps several in turn)."""
+
+    def __init__(
+        self, name: str, stream: Sequence[StreamRequest], prompts: Sequence[Sequence[int]],
+        traces: Sequence[Trace] | None, target: Any, settings: Settings, controller: ControllerSettings,
+        costs: StepCosts, k: int, batch_size: int, max_new_tokens: int, live: bool = False, learn: bool = True,
+        learner_kwargs: dict[str, Any] | None = None, sidecar: bool = False, online_costs: bool | None = None,
+        adapter_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.t_start = time.perf_counter()
+        self.seconds = 0.0  # wall time spent in this run's own steps and set-up
+        self.name, self.stream, self.live = name, stream, live
+        entry = policy_registry.entry(name)
+        names = entry.drafters
+        learning = learn and "adaptive" in names
+        external = learning and sidecar  # a real sidecar process learns from the engine's logs
+        if external and not live:
+            raise ValueError("a real sidecar needs the live engine (--live)")
+        s = settings.model_copy(update={"adaptive_collect": 32768 if learning and not external else 0})
+        drafters = make_drafters(names, s, target)
         if live:
-            o = RequestOutcome(o.index, o.phase, o.tokens, o.forwards, o.modeled_s,
-                               clock.per_request.get(res.request_id, 0.0), o.drafter_tokens)
-        outs.append(o)
-    return PolicyRun(
-        name, outs,
-        controller_us=timed.us_per_request_step if name == "atlas" else None,
-        learner=None if learner is None else {
-            "updates": learner.stats.updates, "gates": learner.stats.gates, "published": len(learner.stats.versions),
-            "samples": learner.stats.samples, "heldout_samples": learner.stats.heldout_samples,
-            "versions": learner.stats.versions,
-        },
-        outputs=[r.output_tokens for r in results],
-        seconds=time.perf_counter() - t_start,
-        sidecar=sidecar_info,
-        profile=engine.profile.to_json() if live else None,
-    )
+            engine: SpecEngine = SpecEngine(target, drafters, batch_size=batch_size)
+        else:
+            engine = TraceEngine(target, drafters, costs.verify_time, batch_size=batch_size,
+                                 padded_verify=costs.padded)
+        specs = [RequestSpec(list(p), f"r{req.index}", TENANT) for req, p in zip(stream, prompts)]
+        trace_by_id = {sp.request_id: tr for sp, tr in zip(specs, traces or ())}
+        if (not live or entry.needs_oracle) and len(trace_by_id) != len(specs):
+            raise ValueError(f"policy {name!r} {'replays' if not live else 'plans from'} recorded traces: none given")
+        if isinstance(engine, TraceEngine):
+            engine.traces = trace_by_id
+        oracle = TraceOracle(drafters, trace_by_id, controller.max_k) if entry.needs_oracle else None
+        frozen = not (live if online_costs is None else online_costs)
+        policy = policy_registry.make_policy(name, k=k, settings=controller, costs=costs.cost_model(frozen=frozen),
+                                             oracle=oracle, prepare=None if oracle is None else oracle.prepare)
+        self.timed = TimedPolicy(policy)
+        self.learner: Any = None
+        self.online: _SidecarLink | None = None
+        adapted = learning and isinstance(drafters["adaptive"], AdaptedStaticDrafter)
+        if external and adapted:
+            raise ValueError("the adapter kind of adaptive drafter learns in-process only so far (--in-process)")
+        if external:
+            self.online = _SidecarLink(engine, drafters["adaptive"], name, learner_kwargs)
+        elif adapted:
+            from adaspec.sidecar.adapter_learner import AdapterLearner, AdapterLearnerSettings
+
+            self.learner = AdapterLearner(drafters["adaptive"], AdapterLearnerSettings(**(adapter_kwargs or {})))
+            engine.between_steps.append(self.learner.between_steps)
+        elif learning:
+            from adaspec.sidecar.inprocess import InProcessSidecar  # the sidecar's own pipeline, run in-process
+            from adaspec.sidecar.settings import SidecarSettings
+
+            drafter = drafters["adaptive"]
+            assert isinstance(drafter, AdaptiveDrafter)
+            knobs = {"replay_ratio": LEARN_REPLAY_RATIO, **(learner_kwargs or {})}
+            self.learner = InProcessSidecar(drafter, SidecarSettings(**knobs))
+            engine.between_steps.append(self.learner.between_steps)
+        self.clock = _StepClock()
+        engine.between_steps.append(self.clock.start)
+        engine.step_listeners.append(self.clock)
+        self.modeled = ModeledClock(costs)
+        engine.step_listeners.append(self.modeled)
+        self.engine = engine
+        self.session = engine.session(self.timed)
+        self.states = [self.session.add(sp, SamplingParams(max_new_tokens=max_new_tokens), index=i)
+                       for i, sp in enumerate(specs)]
+        self.seconds += time.perf_counter() - self.t_start
+        self._run: PolicyRun | None = None
+
+    @property
+    def emitted(self) -> int:
+        """Tokens emitted so far over the whole stream (how far this run has come)."""
+        return sum(len(st.output) for st in self.states)
+
+    def step(self) -> bool:
+        """One engine step; False when the stream is done."""
+        t0 = time.perf_counter()
+        try:
+            return self.session.step()
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def finish(self) -> PolicyRun:
+        """Close the sidecar link (however the run ended) and collect the outcomes (once)."""
+        if self._run is not None:
+            return self._run
+        sidecar_info = self.online.close() if self.online is not None else None
+        results = [self.engine.result(st) for st in self.states]
+        outs = []
+        for req, res in zip(self.stream, results):
+            o = outcome(req.index, req.phase, res, self.modeled)
+            if self.live:
+                o = RequestOutcome(o.index, o.phase, o.tokens, o.forwards, o.modeled_s,
+                                   self.clock.per_request.get(res.request_id, 0.0), o.drafter_tokens)
+            outs.append(o)
+        learner, name = self.learner, self.name
+        self._run = PolicyRun(
+            name, outs,
+            controller_us=self.timed.us_per_request_step if name == "atlas" else None,
+            learner=None if learner is None else {
+                "updates": learner.stats.updates, "gates": learner.stats.gates,
+                "published": len(learner.stats.versions), "samples": learner.stats.samples,
+                "heldout_samples": learner.stats.heldout_samples, "versions": learner.stats.versions,
+            },
+            outputs=[r.output_tokens for r in results],
+            seconds=self.seconds,
+            sidecar=sidecar_info,
+            profile=self.engine.profile.to_json() if self.live else None,
+        )
+        return self._run
 
 
 class _SidecarLink:
