@@ -271,6 +271,33 @@ def test_exploration_revisits_unused_drafters_on_schedule():
     assert all(r.k == 2 for r in recs if r.drafter == "bad" and r.step > 30)
 
 
+def test_exploration_backs_off_a_drafter_that_keeps_finding_nothing_and_resets_when_it_is_chosen():
+    """Probes of a drafter the planner never chooses come half as often each time, down to once per 8 x
+    explore_every steps; once it is chosen again (it got good) it is probed at the base period; a new weight
+    version resets the period too."""
+    models = (DrafterModel("good", rate=0.9, spread=0.0), DrafterModel("bad", rate=0.0, spread=0.0))
+    load = SyntheticLoad(models, batch=4, seed=9)
+    policy = AtlasPolicy(["good", "bad"], ControllerSettings(guarded=(), explore_every=10, explore_k=2))
+    recs = run(load, policy, 1200)
+    probes = sorted({r.step for r in recs if r.drafter == "bad"})
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    late = gaps[-6:]
+    assert 20 in gaps and 40 in gaps and all(a <= b for a, b in zip(gaps, gaps[1:])), gaps
+    assert max(gaps) == 80 and late == [80] * 6  # capped at 8 x explore_every
+    d = policy.index["bad"]
+    policy._chosen[d] = True  # the planner chose it since its last probe
+    policy.last_used[d] = policy.step - 80
+    policy.plan([state("x")])
+    assert policy.explore_period[d] == 10
+    policy.explore_period[d] = 80
+    policy.feedback([record(policy.step, "x", "bad", 2, 0, [0.1, 0.1])])
+    assert policy.explore_period[d] == 80  # the same weights: no reset
+    rec = record(policy.step, "x", "bad", 2, 0, [0.1, 0.1])
+    rec.weight_version = 3
+    policy.feedback([rec])
+    assert policy.explore_period[d] == 10
+
+
 def test_exploration_skips_a_drafter_that_could_not_pay_even_if_always_right():
     """On a compute-bound verify (this CPU) a drafter whose own cost plus a verified token's exceeds what a token
     is worth is never explored: no evidence could make the planner pick it, and each probe costs the batch."""

@@ -46,6 +46,8 @@ from adaspec.core.step import Plan, PlanRequest, PolicyBase, StepRecord
 Curves = list  # list[list[float] | None], one survival curve per drafter index
 #: A tenant's warm start (the global curve) weighs at most as many drafts as this.
 _TENANT_PRIOR_DRAFTS = 8
+#: A drafter whose probes keep finding nothing is probed at least once every this many x explore_every steps.
+_EXPLORE_BACKOFF = 8
 
 
 class _Group:
@@ -156,6 +158,11 @@ class AtlasPolicy(PolicyBase):
         self.available = [True] * D
         self._short = [False] * D  # guarded and below its evidence threshold: explored 4x as often
         self.last_used = [0] * D
+        #: Steps between explorations of each drafter: doubled (up to `_EXPLORE_BACKOFF` x explore_every) after
+        #: each exploration that did not lead the planner to choose it, reset when it is chosen.
+        self.explore_period = [s.explore_every] * D
+        self._chosen = [False] * D  # planned (not explored) since its last exploration
+        self._versions = [0] * D  # the weight version each drafter's last record carried
         self.step = 0
         self.lam = 0.0  # the batch goodput ratio (tokens/s) the last plan achieved; trim prices tokens with it
         self._lam_decode = 0.0
@@ -201,6 +208,8 @@ class AtlasPolicy(PolicyBase):
         An unavailable drafter is neither planned nor explored; its statistics are kept for its return."""
         d = self.index.get(drafter)
         if d is not None:
+            if available and not self.available[d]:
+                self.explore_period[d] = self.settings.explore_every  # back: probe it as a new drafter
             self.available[d] = bool(available)
 
     def set_padded_verify(self, padded: bool) -> None:
@@ -396,6 +405,8 @@ class AtlasPolicy(PolicyBase):
             r.plan_d, r.plan_k = d, k
             if d >= 0 and k:
                 last[d] = step
+                if not r.explore:
+                    self._chosen[d] = True
                 out.append(plans[d][k])
             else:
                 out.append(self._none)
@@ -511,7 +522,12 @@ class AtlasPolicy(PolicyBase):
         into a speculative one (on this CPU ~30% dearer), so the draft is made but not verified: `trim` keeps it
         as a shadow scored against the tokens the request emits next (`_score_shadows`), which teaches the
         calibration and the curves the same outcome at the price of drafting alone. A guarded drafter short of
-        evidence gets no more probes than the others then."""
+        evidence gets no more probes than the others then.
+
+        Backoff: a probe costs drafting (and a drafter's catch-up over the positions since it last ran: a head
+        pass over them), so a drafter whose probes keep finding nothing is probed half as often each time, down
+        to once every `_EXPLORE_BACKOFF` x explore_every steps; once the planner chooses it, the period is back
+        to explore_every. On a weight swap of the online-learned drafter the period resets too (`feedback`)."""
         s = self.settings
         n = max(1, int(B * s.explore_fraction))
         explore_k = s.explore_k
@@ -523,11 +539,16 @@ class AtlasPolicy(PolicyBase):
             if not self.available[d]:
                 continue
             boost = self._short[d] and not shadow and (not padded or width > 0)
-            period = max(1, s.explore_every // 4) if boost else s.explore_every
+            period = max(1, s.explore_every // 4) if boost else self.explore_period[d]
             if step - self.last_used[d] < period:
                 continue
             if not self._could_pay(d, B):
                 continue  # cannot pay at any acceptance: its evidence would never be used
+            if self._chosen[d]:
+                self.explore_period[d] = s.explore_every
+            elif not boost:
+                self.explore_period[d] = min(self.explore_period[d] * 2, s.explore_every * _EXPLORE_BACKOFF)
+            self._chosen[d] = False
             idle = padded and not shadow and any(
                 rows[i].kcap and not rows[i].explore and not choice_k[i] for i in range(B))
             start = (self._explore_seed + step + 7919 * d) % B
@@ -596,6 +617,9 @@ class AtlasPolicy(PolicyBase):
             d = index.get(name)
             if d is None:
                 continue
+            if rec.weight_version != self._versions[d]:  # new weights: probe them as a new drafter
+                self._versions[d] = rec.weight_version
+                self.explore_period[d] = self.settings.explore_every
             conf = rec.confidence
             kcap = rec.k
             curve = None
