@@ -298,6 +298,52 @@ def test_exploration_backs_off_a_drafter_that_keeps_finding_nothing_and_resets_w
     assert policy.explore_period[d] == 10
 
 
+def test_padded_widths_are_priced_as_measured_not_as_the_linear_fit_says():
+    """On this CPU a batch-4 chunk of 2..7 tokens per row costs about the same forward; the linear fit prices
+    each extra width at b * batch. Online, the cost model keeps what each (batch, width) measured and the
+    planner reads that: once a wide step is seen to cost what a narrow one does, a long chain that would not
+    pay at the linear price is planned. Unmeasured widths are priced as the widest measured narrower one (they
+    get tried); frozen (replay) models keep the linear price."""
+    def steps(cm, width, seconds, n=3):
+        for i in range(n):
+            recs = [StepRecord(step=cm.steps_seen + 1, request_id=f"r{j}", tenant="t", drafter="d" if width > 1
+                               else None, k=width - 1, drafted=width - 1, accepted=0, emitted=1,
+                               confidence=[0.5] * (width - 1), batch_size=4, chunk_tokens=width, draft_s=0.0,
+                               verify_s=seconds, prefill=False) for j in range(4)]
+            cm.observe(recs)
+
+    cm = CostModel(verify_fixed_s=0.03, verify_token_s=0.006, verify_request_s=0.001, verify_spec_s=0.02,
+                   draft_token_s=0.0, padded=True, prior_weight=1e6)  # a stiff linear fit: b stays ~6 ms
+    linear = cm.width_extra(4, 6)
+    assert linear == pytest.approx(cm.b * 4 * 6 + cm.s)
+    steps(cm, 1, 0.065)
+    steps(cm, 3, 0.100)
+    assert cm.width_extra(4, 2) == pytest.approx(0.035, rel=1e-6)
+    assert cm.width_extra(4, 6) == pytest.approx(min(linear, 0.035), rel=1e-6)  # not measured: as width 2
+    steps(cm, 7, 0.098)
+    assert cm.width_extra(4, 6) == pytest.approx(0.033, rel=1e-6) and 0.033 < linear
+    frozen = CostModel(verify_fixed_s=0.03, verify_token_s=0.006, padded=True, frozen=True)
+    steps(frozen, 1, 0.065)
+    steps(frozen, 7, 0.098)
+    assert frozen.width_extra(4, 6) == pytest.approx(frozen.b * 24 + frozen.s)
+
+    def planned(costs):
+        pol = AtlasPolicy(["d"], ControllerSettings(guarded=(), explore_every=0), costs=costs)
+        pol.set_padded_verify(True)
+        states = [state(f"r{i}") for i in range(4)]
+        pol.plan(states)
+        for i in range(4):
+            r = pol.requests[f"r{i}"]
+            r.cum[0], r.seen[0] = [0.7 ** (j + 1) for j in range(6)], pol.step + 1
+        return [p.k for p in pol.plan(states)]
+
+    stiff = dict(verify_fixed_s=0.03, verify_token_s=0.006, verify_request_s=0.001, verify_spec_s=0.02,
+                 draft_token_s=0.0, padded=True, prior_weight=1e6)
+    fresh = CostModel(**stiff)
+    assert max(planned(fresh)) < 6  # at the linear price the long tail does not pay
+    assert max(planned(cm)) == 6  # measured flat in width: the whole chain does
+
+
 def test_exploration_skips_a_drafter_that_could_not_pay_even_if_always_right():
     """On a compute-bound verify (this CPU) a drafter whose own cost plus a verified token's exceeds what a token
     is worth is never explored: no evidence could make the planner pick it, and each probe costs the batch."""

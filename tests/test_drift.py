@@ -310,6 +310,12 @@ def test_cli_drift_json_plot_and_live_sidecar(data_dir, tmp_path):
     assert isinstance(learner["learner_updates"], int) and 0.0 <= learner["learner_earned_fraction"] <= 1.0
     assert 0.0 < learner["learner_cpu_share"] <= 0.25
     assert all(p["wall_tok_s"] > 0 for p in d["policies"]["adaptive"]["phases"].values())
+    # the policies ran interleaved, and the profile splits by phase without losing a step
+    assert d["stream"]["interleaved"] is True and "per phase (the batch's oldest request's)" in r.stdout
+    prof = d["policies"]["adaptive"]["profile"]
+    assert set(prof["phases"]) <= set(d["policies"]["adaptive"]["phases"])
+    assert sum(p["steps"] for p in prof["phases"].values()) == prof["steps"] > 0
+    assert sum(p["prefills"] for p in prof["phases"].values()) == prof["prefills"]
 
 
 def test_shorter_budget_reuses_a_longer_trace(tiny, tmp_path):

@@ -25,6 +25,8 @@ _TOK_SCALE = 100.0  # feature scaling: tokens / 100, batch / 10
 _BATCH_SCALE = 10.0
 _MIN_B = 1e-12  # a verified token never costs exactly nothing (keeps the planner's ratios finite)
 _MIN_CONTRAST = 8.0  # recent plain and speculative forwards each, before the speculation term is fitted
+_WIDTH_MIN_STEPS = 3  # steps at a (batch, width) before its measured time replaces the linear fit's
+_WIDTH_ALPHA = 0.05  # EMA weight of a new step in the per-width table
 
 
 class CostModel:
@@ -76,6 +78,10 @@ class CostModel:
         self.steps_seen = 0
         #: Recent plain and speculative forwards (decayed like the fit): `s` is only identifiable from both.
         self._n_plain = self._n_spec = 0.0
+        #: Padded decode steps measured per (batch, chunk width): [EMA of verify seconds, steps seen]. The linear
+        #: fit cannot see a forward's real shape in width -- on this CPU at batch 4 a chunk of 2 to 7 tokens per
+        #: row costs the same ~95-110 ms (1 token: 65 ms, 8: 127 ms) -- so the planner prices widths from it.
+        self._width_t: dict[tuple[int, int], list[float]] = {}
         self._refresh()
 
     # -- estimates ------------------------------------------------------------------------------------------------
@@ -97,6 +103,26 @@ class CostModel:
     def step_time(self, tokens: float, batch: int, spec: bool = False) -> float:
         """A whole step: the verify forward plus the measured per-step overhead."""
         return self.verify_time(tokens, batch, spec) + self.overhead
+
+    def width_extra(self, batch: int, width: int) -> float:
+        """What a padded decode step whose widest chain drafts `width` tokens costs over a plain step, at this
+        batch: measured (`_width_t`) once both widths have `_WIDTH_MIN_STEPS` steps; a width not measured yet
+        is priced as the widest measured narrower one (optimistic under a cost that grows with width, so the
+        planner tries it once and then knows); without measurements, the linear fit's b * batch * width + s."""
+        if width <= 0:
+            return 0.0
+        linear = self.b * batch * width + self.s
+        if self.frozen:
+            return linear
+        table = self._width_t
+        plain = table.get((batch, 1))
+        if plain is None or plain[1] < _WIDTH_MIN_STEPS:
+            return linear
+        for w in range(width, 0, -1):
+            got = table.get((batch, w + 1))
+            if got is not None and got[1] >= _WIDTH_MIN_STEPS:
+                return max(0.0, got[0] - plain[0]) if w == width else min(linear, max(0.0, got[0] - plain[0]))
+        return linear
 
     def draft_cost(self, drafter: str | None) -> float:
         """Seconds per drafted token of `drafter` (0 for no drafter; a batched drafter's per-row part)."""
@@ -172,6 +198,12 @@ class CostModel:
                 for r in recs:
                     tokens += r.chunk_tokens
             self.observe_verify(tokens, r0.batch_size, r0.verify_s, any(r.drafted for r in recs))
+            if self.padded and not r0.prefill:
+                key = (r0.batch_size, max(r.chunk_tokens for r in recs))
+                cell = self._width_t.setdefault(key, [r0.verify_s, 0.0])
+                cell[1] += 1.0
+                alpha = max(1.0 / cell[1], _WIDTH_ALPHA)
+                cell[0] += alpha * (r0.verify_s - cell[0])
         per: dict[str, int] = {}
         for r in recs:
             n = r.proposed if r.proposed > r.drafted else r.drafted  # what the step's drafting computed

@@ -415,8 +415,9 @@ class AtlasPolicy(PolicyBase):
     def _plan_width(self, B: int, rows: list[_Req], cand: list[int], base_t: float, lam: float,
                     choice_d: list[int], choice_k: list[int], curves: list) -> float:
         """Right-padded verify (the reference engine): a step feeds every row as many tokens as its widest
-        chain, so a token's verify cost is not its own but the width's (and a speculative forward costs `s`
-        more than a plain one). Choose the width w (0..max_k) that
+        chain, so a token's verify cost is not its own but the width's, as the cost model measures it per
+        (batch, width) live (`CostModel.width_extra`; linear b * batch * w + s before that). Choose the width w
+        (0..max_k) that
         maximises the batch's expected emitted tokens per second; within it each row drafts, with the drafter
         that gains most, while a token's survival beats its own draft cost (verifying it is already paid).
         Returns the chosen plan's goodput."""
@@ -465,7 +466,7 @@ class AtlasPolicy(PolicyBase):
                         W = pick[1]
             if W < w and best is not None and best[0] == W:
                 continue  # the same plan as a narrower width
-            T += cm.b * B * W + (cm.s if W else 0.0)
+            T += cm.width_extra(B, W)
             if E / T > best_ratio:
                 best_ratio, best = E / T, (W, picks)
         for i in range(B):

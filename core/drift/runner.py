@@ -21,6 +21,7 @@ from adaspec.core.drift.replay_engine import TraceEngine
 from adaspec.core.drift.stream import StreamRequest
 from adaspec.core.drift.traces import Trace
 from adaspec.core.engine.engine import RequestSpec, SpecEngine
+from adaspec.core.engine.profile import StepProfile
 from adaspec.core.step import StepRecord
 from adaspec.core.engine.sampling import SamplingParams
 
@@ -164,6 +165,9 @@ class PolicyRunner:
         engine.step_listeners.append(self.modeled)
         self.engine = engine
         self.session = engine.session(self.timed)
+        #: live: the engine's step profile split by the phase of the oldest request in the batch
+        self.phase_of = {sp.request_id: req.phase for sp, req in zip(specs, stream)}
+        self.phase_profiles: dict[str, StepProfile] = {}
         self.states = [self.session.add(sp, SamplingParams(max_new_tokens=max_new_tokens), index=i)
                        for i, sp in enumerate(specs)]
         self.seconds += time.perf_counter() - self.t_start
@@ -177,9 +181,14 @@ class PolicyRunner:
     def step(self) -> bool:
         """One engine step; False when the stream is done."""
         t0 = time.perf_counter()
+        oldest = self.session.running or self.session.queue
+        phase = self.phase_of.get(oldest[0].request_id) if self.live and oldest else None
+        snap = self.engine.profile.snapshot() if phase is not None else None
         try:
             return self.session.step()
         finally:
+            if snap is not None:
+                self.phase_profiles.setdefault(phase, StepProfile()).add_since(self.engine.profile, snap)
             self.seconds += time.perf_counter() - t0
 
     def finish(self) -> PolicyRun:
@@ -207,7 +216,8 @@ class PolicyRunner:
             outputs=[r.output_tokens for r in results],
             seconds=self.seconds,
             sidecar=sidecar_info,
-            profile=self.engine.profile.to_json() if self.live else None,
+            profile={**self.engine.profile.to_json(),
+                     "phases": {ph: pr.to_json() for ph, pr in self.phase_profiles.items()}} if self.live else None,
         )
         return self._run
 

@@ -148,3 +148,19 @@ def print_profile(result: dict[str, Any], console: Console) -> None:
     t.add_row("sidecar CPU (share of a core)", *cpu)
     t.add_row("learner updates / drafter's earned share / cores", *earned)
     console.print(t)
+    labels = [ph["name"] for ph in result["stream"]["phases"]]
+    if not all("phases" in p["profile"] for p in pols.values()):
+        return
+    t = Table(title="per phase (the batch's oldest request's): step wall ms / forward ms / tokens verified per step")
+    t.add_column("phase")
+    for n in pols:
+        t.add_column(n, justify="right")
+    for lab in labels:
+        cells = []
+        for p in pols.values():
+            ph = p["profile"]["phases"].get(lab)
+            cells.append("-" if not ph or not ph["steps"] else
+                         f"{ph['wall_ms_per_step']:.1f} / {ph['ms_per_step'].get('forward', 0.0):.1f} / "
+                         f"{ph['fed_tokens_per_step']:.2f}")
+        t.add_row(lab, *cells)
+    console.print(t)

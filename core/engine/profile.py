@@ -48,6 +48,22 @@ class StepProfile:
     def reset(self) -> None:
         self.__init__()
 
+    def snapshot(self) -> tuple[dict[str, float], int, int, float, int, int]:
+        return dict(self.seconds), self.steps, self.prefills, self.wall_s, self.fed_tokens, self.rows
+
+    def add_since(self, other: "StepProfile", snap: tuple[dict[str, float], int, int, float, int, int]) -> None:
+        """Add what `other` accumulated since `snap` (its `snapshot()`): a share of its steps, e.g. one phase's."""
+        seconds, steps, prefills, wall_s, fed, rows = snap
+        for stage, s in other.seconds.items():
+            d = s - seconds.get(stage, 0.0)
+            if d:
+                self.add(stage, d)
+        self.steps += other.steps - steps
+        self.prefills += other.prefills - prefills
+        self.wall_s += other.wall_s - wall_s
+        self.fed_tokens += other.fed_tokens - fed
+        self.rows += other.rows - rows
+
     def ms_per_step(self) -> dict[str, float]:
         """Milliseconds per decode step for each stage, in step order (prefill: per decode step too, so the
         column sums to the average step's share of the run)."""
