@@ -24,7 +24,7 @@ from adaspec.core.drafters.registry import make_drafter
 from adaspec.core.errors import ConfigError
 from adaspec.core.heads.adaptive import AdaptiveHead
 from adaspec.core.heads.adaptive_base import read_base
-from adaspec.sglang_ext.logs import BackgroundSender, DeviceBudget, PublisherSink
+from adaspec.core.online.sender import BackgroundSender, DeviceBudget, PublisherSink
 from adaspec.sglang_ext.metrics import plugin_metrics
 from adaspec.sglang_ext.runtime import STATIC, AtlasRuntime
 from adaspec.sglang_ext.settings import PluginSettings

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from adaspec.core.drafters.base import Draft, Drafter, DraftRequest, JoinedTokens, Observation
 from adaspec.core.step import Plan, PolicyBase, StepRecord, peek_drafts, propose_chains
-from adaspec.sglang_ext.logs import DeviceBudget, StepLogs
+from adaspec.core.online.sender import DeviceBudget, StepLogs
 from adaspec.sglang_ext.states import StickySteps
 
 STATIC = "static"

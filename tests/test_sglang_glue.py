@@ -25,7 +25,7 @@ from adaspec.core.online.weights import WeightStager
 from adaspec.core.online.wire import LogBatch, WeightUpdate, decode, entry_from_record
 from adaspec.sglang_ext.chain import ChainStager, accepted_rows, batch_steps, chain_rows, overlay_chains
 from adaspec.sglang_ext.hidden_tap import FinalHiddenTap, logits_forward_hook, TAP
-from adaspec.sglang_ext.logs import BackgroundSender, DeviceBudget, PublisherSink, StepLogs
+from adaspec.core.online.sender import BackgroundSender, DeviceBudget, PublisherSink, StepLogs
 from adaspec.sglang_ext.runtime import STATIC, AtlasRuntime, ReqView
 from adaspec.sglang_ext.settings import load_plugin_settings
 from adaspec.sglang_ext.spec import validate_atlas_args

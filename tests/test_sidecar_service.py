@@ -278,7 +278,7 @@ def test_pause_stops_training_but_not_ingest(target, root):
     online = OnlineAdaptive(engine, drafter, ts, registry=CollectorRegistry()).start()
     try:
         engine.generate(stream(templates(), 8), PARAMS, FixedPolicy("adaptive", 3))
-        online.publisher.flush()
+        online.flush_logs()
         for _ in range(50):
             svc.run_once()
         assert len(svc.buffer) > 50 and svc.trainer.updates == 0 and svc.serving_version == 0
@@ -306,7 +306,7 @@ def test_a_colocated_learner_trains_only_as_its_drafter_earns(target, root):
         online = OnlineAdaptive(engine, drafter, ts, registry=CollectorRegistry()).start()
         try:
             engine.generate(stream(templates(), 8), PARAMS, FixedPolicy("none", 0))
-            online.publisher.flush()
+            online.flush_logs()
             assert _wait(lambda: sidecar.status()["buffer_samples"] > 50, timeout=10)
             time.sleep(1.0)
             st = sidecar.status()
@@ -472,3 +472,39 @@ def test_version_numbers_are_never_reused_when_versions_dir_is_lost(target, root
         assert again.publish(again._serving_weights(), "test") == 3
     finally:
         again.close()
+
+
+def test_logs_are_encoded_and_sent_off_the_serving_thread(target, root):
+    """The step only queues its records: a publisher that takes 30 ms per call runs on the sender thread (not
+    the engine's), costs the steps nothing like 30 ms each, ships every step once drained, and releases each
+    record's hidden states after encoding them."""
+    engine, drafter = engine_with_adaptive(target, inner_size=64)
+    online = OnlineAdaptive(engine, drafter, transport_settings(root), registry=CollectorRegistry())
+    publish = online.publisher.__call__
+    threads: set[str] = set()
+    seen: list[bool] = []
+
+    def slow_publish(records):
+        threads.add(threading.current_thread().name)
+        seen.append(all(r.features is not None for r in records))
+        time.sleep(0.03)
+        publish(records)
+
+    online.publisher = type("Slow", (), {"__call__": staticmethod(slow_publish), "flush": online.publisher.flush,
+                                         "close": online.publisher.close,
+                                         "metrics": online.publisher.metrics})()
+    online.start()
+    steps: list[int] = []
+    engine.step_listeners.append(lambda recs: steps.append(len(recs)))
+    try:
+        t0 = time.perf_counter()
+        res = engine.generate(stream(templates(), 4), PARAMS, FixedPolicy("adaptive", 3))
+        serving_s = time.perf_counter() - t0
+        assert online.flush_logs(timeout=30)
+        assert threading.current_thread().name not in threads and len(threads) == 1
+        assert len(seen) == len(steps) >= 10 and all(seen), "every step, features intact when encoded"
+        assert serving_s < 0.5 * 0.03 * len(steps), (serving_s, len(steps))  # synchronous would be >= 1x
+        assert all(rec.features is None for r in res for rec in r.records)
+        assert online.logs_dropped() == {"batches": 0, "entries": 0}
+    finally:
+        online.close()

@@ -2,8 +2,9 @@
 
 `OnlineAdaptive` attaches three things to an engine, none of which can block or break a step:
 
-* a `LogPublisher` step listener shipping every step (tokens, counts, weight version used, and target
-  hidden states at the kept positions for layer -1 -- what the adaptive head reads) over a non-blocking PUSH;
+* a step listener that queues every step's records (tokens, counts, weight version used, and target
+  hidden states at the kept positions for layer -1 -- what the adaptive head reads) for a `BackgroundSender`
+  thread, whose `LogPublisher` encodes them and ships them over a non-blocking PUSH off the serving step;
 * a `WeightSubscriber` thread (sync at start, then the PUB) feeding a `WeightStager` for the drafter's head,
   which validates every update off the hot path;
 * a `between_steps` hook applying a staged update by in-place copy -- so a step always drafts with one
@@ -24,6 +25,7 @@ from adaspec.core.engine.engine import SpecEngine
 from adaspec.core.step import PolicyBase, StepRecord
 from adaspec.core.online.guard import LinkGuard
 from adaspec.core.online.logs import LogPublisher
+from adaspec.core.online.sender import BackgroundSender
 from adaspec.core.metrics import EngineMetrics, LogMetrics, per_registry, serve_metrics
 from adaspec.core.online.transport import Transport
 from adaspec.core.online.settings import TransportSettings
@@ -46,8 +48,10 @@ class OnlineAdaptive:
         metrics_port: int = 0,
         metrics_host: str = "127.0.0.1",
         link_timeout_s: float | None = None,
+        log_queue: int = 256,
     ) -> None:
-        """`metrics_port` > 0 serves this registry (engine, log and weight series) on /metrics."""
+        """`metrics_port` > 0 serves this registry (engine, log and weight series) on /metrics; `log_queue`
+        bounds the steps waiting for the sender thread (a full queue drops a step, counted)."""
         if engine.drafters.get(drafter.name) is not drafter:
             raise ValueError(f"drafter {drafter.name!r} is not the engine's drafter of that name")
         if -1 not in engine.hidden_layers:
@@ -63,6 +67,8 @@ class OnlineAdaptive:
             self.transport, server_id, feature_sample_rate=feature_sample_rate, features_of=self._features_of,
             registry=self.registry,
         )
+        self._log_queue = log_queue
+        self.sender: BackgroundSender | None = None
         self.subscriber = WeightSubscriber(self.transport, [self.stager], server_id, resync_s, poll_ms)
         timeout = self.transport.settings.link_timeout_s if link_timeout_s is None else link_timeout_s
         self.link = LinkGuard(self.subscriber, [drafter.name], timeout, server_id, self.registry)
@@ -77,8 +83,11 @@ class OnlineAdaptive:
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> "OnlineAdaptive":
         e = self.engine
-        self._hooks = [(e.between_steps, self._between), (e.step_listeners, self.publisher),
-                       (e.step_listeners, self._release_features), (e.step_listeners, self.metrics)]
+        if self.sender is None:
+            self.sender = BackgroundSender(self._publish_step, self._log_queue, on_drop=self._step_dropped,
+                                           name=f"adaspec-logs-{self.server_id}", flush=self.publisher.flush)
+        self._hooks = [(e.between_steps, self._between), (e.step_listeners, self.sender.submit),
+                       (e.step_listeners, self.metrics)]
         for hooks, fn in self._hooks:
             hooks.append(fn)
         e.record_features = True
@@ -98,8 +107,15 @@ class OnlineAdaptive:
         """True once the subscriber has heard from the sidecar at least once (it keeps retrying anyway)."""
         return self.subscriber.synced.wait(timeout)
 
+    def flush_logs(self, timeout: float = 5.0) -> bool:
+        """Send every step logged so far now (tests, shutdown); False if the sender did not catch up in time."""
+        caught_up = self.sender.drain(timeout) if self.sender is not None else True
+        self.publisher.flush()
+        return caught_up
+
     def close(self) -> None:
-        """Flush what is buffered (non-blocking), detach from the engine, stop the subscriber."""
+        """Detach from the engine, let the sender finish what is queued, flush (non-blocking), stop the
+        subscriber."""
         if self._started:
             for hooks, fn in self._hooks:
                 if fn in hooks:
@@ -107,6 +123,9 @@ class OnlineAdaptive:
             self.engine.record_features = self._record_features_before
             self.subscriber.stop()
             self._started = False
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
         self.publisher.close()
         if self.http is not None:
             self.http.shutdown()
@@ -135,11 +154,18 @@ class OnlineAdaptive:
         f = rec.features
         return None if f is None else f[-(rec.accepted + 1):, self._layer]
 
-    @staticmethod
-    def _release_features(records: list[StepRecord]) -> None:
-        """The publisher has copied them: do not keep hidden states alive in the results."""
-        for r in records:
-            r.features = None
+    def _publish_step(self, records: list[StepRecord]) -> None:
+        """Sender thread: encode and ship, then drop the hidden states (they are copied into the entries, and
+        must not stay alive in the results)."""
+        try:
+            self.publisher(records)
+        finally:
+            for r in records:
+                r.features = None
+
+    def _step_dropped(self, entries: int) -> None:
+        """The sender's queue was full: the step's entries are lost, counted as the publisher counts its own."""
+        self.publisher.metrics.entries_dropped.labels(self.server_id, "queue_full").inc(entries)
 
     # -- figures --------------------------------------------------------------------------------------------
     @property

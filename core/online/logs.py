@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -59,6 +60,8 @@ class LogPublisher:
         self._buffer: list[StepEntry] = []
         self._last_flush = time.monotonic()
         self._last_error_log = 0.0
+        #: One caller at a time: a sender thread calls it, and a flush may come from any thread.
+        self._lock = threading.RLock()
 
     @classmethod
     def from_transport(cls, transport: Transport, server_id: str, **kwargs: Any) -> "LogPublisher":
@@ -71,15 +74,19 @@ class LogPublisher:
         return cls(transport.log_pusher(), server_id, **kwargs)
 
     def __call__(self, records: Sequence[StepRecord]) -> None:
+        with self._lock:
+            self._publish(records)
+
+    def _publish(self, records: Sequence[StepRecord]) -> None:
         try:
             for rec in records:
                 entry = self._entry(rec)
                 if entry is not None:
                     self._buffer.append(entry)
                 if len(self._buffer) >= self.batch_entries:
-                    self.flush()
+                    self._flush()
             if self._buffer and time.monotonic() - self._last_flush >= self.flush_s:
-                self.flush()
+                self._flush()
         except Exception:
             self._swallow("step listener")
 
@@ -100,6 +107,10 @@ class LogPublisher:
 
     def flush(self) -> bool:
         """Send buffered entries now as one batch; False if there was nothing to send or it was dropped."""
+        with self._lock:
+            return self._flush()
+
+    def _flush(self) -> bool:
         try:
             self._last_flush = time.monotonic()
             if not self._buffer:
