@@ -121,7 +121,8 @@ class CostModel:
         for w in range(width, 0, -1):
             got = table.get((batch, w + 1))
             if got is not None and got[1] >= _WIDTH_MIN_STEPS:
-                return max(0.0, got[0] - plain[0]) if w == width else min(linear, max(0.0, got[0] - plain[0]))
+                measured = max(0.0, got[0] - plain[0])
+                return measured if w == width else min(linear, measured)
         return linear
 
     def draft_cost(self, drafter: str | None) -> float:

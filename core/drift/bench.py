@@ -31,7 +31,7 @@ from adaspec.core.drafters.registry import make_drafter
 from adaspec.core.controller import registry as policy_registry
 from adaspec.core.drift.step_costs import StepCosts, load_or_measure, resolve_costs
 from adaspec.core.drift.metrics import summarize
-from adaspec.core.drift.runner import PolicyRun, PolicyRunner, run_interleaved, run_policy
+from adaspec.core.drift.runner import PolicyRun, PolicyRunner, run_interleaved, run_to_end
 from adaspec.core.drift.stream import PhaseSpec, build_stream, phase_labels
 from adaspec.core.drift.traces import TraceStore, trace_layers
 from adaspec.core.engine.engine import SpecEngine
@@ -112,16 +112,13 @@ def run_drift(args: DriftArgs, settings: Settings, target: Target, controller: C
     for name in args.policies:
         if progress:
             progress.update(task, description=f"policy {name}")
-        runs[name] = run_policy(name, stream, prompts, traces, target, settings, controller, costs, args.k,
-                                args.batch_size, args.max_new_tokens, live=args.live, learn=args.learn,
-                                learner_kwargs=args.learner, sidecar=args.sidecar)
+        runs[name] = run_to_end(runner(name))
         if progress:
             progress.advance(task)
     if args.live and "none" in runs and len(runs) > 1:  # plain decoding again, last: the run-to-run noise
         if progress:
             progress.update(task, description="policy none (repeat: noise margin)")
-        repeat = run_policy("none", stream, prompts, traces, target, settings, controller, costs, args.k,
-                            args.batch_size, args.max_new_tokens, live=True, learn=False)
+        repeat = run_to_end(runner("none", learn=False))
     return report(args, stream, labels, runs, costs, record_s, repeat)
 
 

@@ -69,8 +69,13 @@ def run_policy(
     """Fresh drafters (nothing carries over between policies), the stream in order, continuous batching.
     online_costs (default: live): the controller's cost model keeps learning from the steps it times; off, it
     decides from the start-up costs alone, as a replay does (so a live run can be compared with its replay)."""
-    runner = PolicyRunner(name, stream, prompts, traces, target, settings, controller, costs, k, batch_size,
-                          max_new_tokens, live, learn, learner_kwargs, sidecar, online_costs, adapter_kwargs)
+    return run_to_end(PolicyRunner(name, stream, prompts, traces, target, settings, controller, costs, k,
+                                   batch_size, max_new_tokens, live, learn, learner_kwargs, sidecar, online_costs,
+                                   adapter_kwargs))
+
+
+def run_to_end(runner: "PolicyRunner") -> PolicyRun:
+    """Step one runner until its stream is served; finished (its sidecar closed) even when a step raises."""
     try:
         while runner.step():
             pass

@@ -224,7 +224,6 @@ def _generate(P: torch.Tensor, Q: torch.Tensor | None, det: torch.Tensor | None,
     P[a] is the target's next-token distribution after token a; the drafter samples from Q[a] or, when Q is
     None, deterministically proposes det[a]. Each step drafts a random length in [0, K]. Start token 0.
     """
-    V = P.shape[0]
     out = torch.full((N, T), -1, dtype=torch.long)
     n = torch.zeros(N, dtype=torch.long)
     last = torch.zeros(N, dtype=torch.long)
