@@ -105,7 +105,7 @@ def run_interleaved(runners: Sequence["PolicyRunner"]) -> list[PolicyRun]:
 
 
 class PolicyRunner:
-    """One policy's run over the stream, one engine step at a time (`run_policy` steps it to the end;
+    """One policy's run over the stream, one engine step at a time (`run_to_end` steps it to the end;
     `run_interleaved` steps several in turn)."""
 
     def __init__(
