@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections import Counter
 
@@ -755,3 +756,36 @@ def test_arctic_hybrid_takes_the_suffix_draft_only_when_its_score_reaches_k():
     assert policy.plan(reqs) == [Plan("static", 3)] * 3  # nothing peeked this step
     policy.peeked("suffix", reqs[:1], [Draft([1, 2, 3], [1.0, 1.0, 1.0])])  # exactly k: suffix
     assert policy.plan(reqs[:1]) == [Plan("suffix", 3)]
+
+
+def test_request_floor_keeps_rows_that_draft_nothing_from_paying_for_a_wide_step():
+    """Padded verify: one row's long likely chain widens the step for all four; by goodput it pays (9.7
+    tokens for 1.8 plain steps), but the three rows that draft nothing each pay 0.8 of a plain step for their
+    one token (and 0.3 expected from their unlikely chains). With a floor of 2% of a 100-token budget (2 plain
+    steps of slack) they allow a few such steps, narrower ones as the slack runs out, then none; off (inf, the
+    default) it widens every step; at 0 it never does; and a row that has earned credit (its own drafts paid)
+    lets the batch widen again."""
+
+    def widths(floor: float, steps: int = 5, credit: float = 0.0) -> list[int]:
+        costs = CostModel(verify_fixed_s=0.05, verify_token_s=0.002, draft_token_s=0.0, frozen=True)
+        pol = AtlasPolicy(["static"], ControllerSettings(explore_every=10**6, request_floor_slack=floor),
+                          costs=costs)
+        pol.set_padded_verify(True)
+        states = [state(f"r{i}", max_new=100) for i in range(4)]
+        pol.plan(states)  # admits the requests
+        for i in range(4):  # the admission step planned on the prior's curves: start the accounts afresh
+            pol.requests[f"r{i}"].slack = floor * 100 + (credit if i else 0.0)
+        out = []
+        for _ in range(steps):
+            for i in range(4):
+                r = pol.requests[f"r{i}"]
+                r.cum[0], r.seen[0] = [0.95 if i == 0 else 0.05] * 6, pol.step + 1
+            out.append(max(p.k for p in pol.plan(states)))
+        return out
+
+    assert all(w > 0 for w in widths(math.inf))
+    assert widths(0.0) == [0] * 5
+    floored = widths(0.02)  # each row that drafts nothing likely pays 1.83 - 1.3 = 0.53 per width-6 step
+    assert floored[0] == 6 and floored[-1] == 0, floored
+    assert all(a >= b for a, b in zip(floored, floored[1:])), floored
+    assert all(w > 0 for w in widths(0.02, credit=10.0))

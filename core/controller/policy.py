@@ -36,6 +36,7 @@ Nothing here is random: equal inputs give equal plans (the seed only shifts the 
 
 from __future__ import annotations
 
+
 from typing import Sequence
 
 from adaspec.core.controller.calibration import Calibrator
@@ -65,7 +66,7 @@ class _Req:
     """Controller state of one live request (kept small: it is touched for every request every step)."""
 
     __slots__ = ("tenant", "cum", "seen", "kcap", "plan_d", "plan_k", "memo", "memo_d", "explore", "peek",
-                 "peek_step", "shadow", "shadowing")
+                 "peek_step", "shadow", "shadowing", "slack")
 
     def __init__(self, tenant: _Group, n_drafters: int) -> None:
         self.tenant = tenant
@@ -83,6 +84,11 @@ class _Req:
         #: one per drafter, a peeked one (calibration only) or an exploration draft kept out of a plain forward.
         self.shadow: list[_Shadow] = []
         self.shadowing = -1  # the drafter whose exploration draft this step's `trim` keeps as a shadow
+        #: The per-request floor's account, in plain decode steps: the allowance (`request_floor_slack` x its
+        #: token budget) plus, over its padded decode steps, the tokens each plan expected it to emit minus the
+        #: step's planned cost relative to a plain step (expected, so a draft's bad luck is not a debt); None
+        #: until first planned.
+        self.slack: float | None = None
 
 
 class _Shadow:
@@ -328,6 +334,8 @@ class AtlasPolicy(PolicyBase):
                 r = self._admit(st.request_id, st.tenant)
             room = st.max_new_tokens - len(st.output) - 1
             r.kcap = K if room >= K else (room if room > 0 else 0)
+            if r.slack is None:
+                r.slack = s.request_floor_slack * st.max_new_tokens  # inf: no floor
             r.explore = False
             r.shadowing = -1
             r.memo = None
@@ -420,7 +428,8 @@ class AtlasPolicy(PolicyBase):
         (0..max_k) that
         maximises the batch's expected emitted tokens per second; within it each row drafts, with the drafter
         that gains most, while a token's survival beats its own draft cost (verifying it is already paid).
-        Returns the chosen plan's goodput."""
+        With `request_floor_slack` set, a width that would take any row past its floor is not a candidate
+        (`_within_floor`), and each row's account is charged the chosen plan. Returns the chosen plan's goodput."""
         cm, step = self.costs, self.step
         stale = step - self.settings.request_stale_steps
         glob = self.glob
@@ -449,6 +458,7 @@ class AtlasPolicy(PolicyBase):
                 opts.append((d, dc, curve, gains, vals))
             table.append(opts)
         best_ratio, best = B / base_t, None
+        floored = self.settings.request_floor_slack != float("inf")
         for w in range(1, self.settings.max_k + 1):
             E, T, W = float(B), base_t, 0
             picks = []
@@ -467,15 +477,33 @@ class AtlasPolicy(PolicyBase):
             if W < w and best is not None and best[0] == W:
                 continue  # the same plan as a narrower width
             T += cm.width_extra(B, W)
+            if floored and not self._within_floor(rows, picks, T / base_t):
+                continue
             if E / T > best_ratio:
-                best_ratio, best = E / T, (W, picks)
+                best_ratio, best = E / T, (W, picks, T / base_t)
+        ratio = best[2] if best is not None else 1.0
         for i in range(B):
             pick = best[1][i] if best is not None else None
+            r = rows[i]
             if pick is None:
                 choice_d[i], choice_k[i], curves[i] = -1, 0, None
+                r.slack += 1.0 - ratio
             else:
                 choice_d[i], choice_k[i], curves[i] = pick[0], pick[1], pick[2]
+                r.slack += 1.0 + pick[3] - ratio
         return best_ratio
+
+    @staticmethod
+    def _within_floor(rows: list[_Req], picks: list, ratio: float) -> bool:
+        """The per-request floor: a step `ratio` times a plain step's cost charges each row that much, against
+        the tokens it expects to emit (1 + its pick's expected accepted); no row may go past its slack. Batch
+        goodput alone would widen a step for one row's long draft while the others, emitting one token each,
+        pay the width: at a phase boundary, the last chat requests paid for the first code requests' drafts."""
+        for r, pick in zip(rows, picks):
+            emitted = 1.0 + (pick[3] if pick is not None else 0.0)
+            if ratio - emitted > r.slack:
+                return False
+        return True
 
     def _fill_batched(self, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int],
                       curves: list, lam: float) -> None:
