@@ -57,6 +57,7 @@ class DriftArgs:
     sidecar: bool = False  # live only: learning in a real sidecar process over sockets
     interleave: bool = True  # live only: step every policy's run in turn (False: one policy after another)
     learner: dict[str, Any] = field(default_factory=dict)
+    adapter: dict[str, Any] = field(default_factory=dict)  # AdapterLearnerSettings overrides (--adaptive-kind adapter)
 
 
 def run_drift(args: DriftArgs, settings: Settings, target: Target, controller: ControllerSettings,
@@ -87,7 +88,7 @@ def run_drift(args: DriftArgs, settings: Settings, target: Target, controller: C
     def runner(name: str, learn: bool = args.learn) -> PolicyRunner:
         return PolicyRunner(name, stream, prompts, traces, target, settings, controller, costs, args.k,
                             args.batch_size, args.max_new_tokens, live=args.live, learn=learn,
-                            learner_kwargs=args.learner, sidecar=args.sidecar)
+                            learner_kwargs=args.learner, sidecar=args.sidecar, adapter_kwargs=args.adapter)
 
     if args.live and args.interleave:  # every policy stepped in turn: the machine's drift falls on all alike
         if progress:
