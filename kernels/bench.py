@@ -73,7 +73,6 @@ def _bench_draft(console: Console, device: torch.device, shapes: Sequence[tuple[
                     ker_ms = time_fn(lambda: kernel(hidden, weight, k), device, reps, warmup)
                     match = str(bool((kernel(hidden, weight, k)[0] == draft_topk_reference(hidden, weight, k)[0]).all()))
                 table.add_row(str(V), str(d), str(B), str(k), _fmt(ref_ms), _fmt(ker_ms), _speedup(ref_ms, ker_ms), match)
-        del weight
     console.print(table)
 
 
