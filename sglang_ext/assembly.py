@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def adaptive_head(base_path: Path, embed: torch.Tensor, lm_head: torch.Tensor) -> AdaptiveHead | None:
-    """The adaptive head at the base's version 0 over the target's own embedding/LM head; None without a base.
+    """The adaptive head at the base's version 0 over the target's own embedding/LM head, drafting over the
+    base's draft vocabulary when it has one; None without a base.
 
     SGLang pads the vocabulary of its embedding and LM head (`VocabParallelEmbedding` rounds it up to a
     multiple of 64), so the served tensors may have more rows than the base's HF vocabulary: the head uses
@@ -51,7 +52,10 @@ def adaptive_head(base_path: Path, embed: torch.Tensor, lm_head: torch.Tensor) -
                               f"{name} is {tuple(t.shape)}")
     head = AdaptiveHead(cfg, embed[:rows], lm_head[:rows])
     head.load_state_dict(base.init, strict=True)
-    return head.to(embed.device).eval()
+    head = head.to(embed.device).eval()
+    if base.draft_ids is not None:  # draft over what the sidecar trains and gates (the base's vocabulary)
+        head.set_draft_vocab(base.draft_ids)
+    return head
 
 
 def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, device: Any,

@@ -56,6 +56,20 @@ def test_runtime_with_base_has_all_drafters_sharing_target_tensors(tmp_path):
     assert len(rt.stagers) == 1 and rt.stagers[0].drafter == "adaptive" and rt.sender is None
 
 
+def test_the_served_head_drafts_over_the_bases_draft_vocabulary(tmp_path):
+    """The sidecar trains and gates the head over the base's draft ids: the plugin's head drafts over the same."""
+    worker, embed, head = fake_target_worker()
+    cfg = AdaptiveConfig(hidden_size=D, vocab_size=V, inner_size=16)
+    trained = AdaptiveHead(cfg, embed, head)
+    trained.set_draft_vocab(torch.arange(5, 25))
+    write_base(trained, tmp_path / "base.safetensors")
+    served = adaptive_head(tmp_path / "base.safetensors", embed, head)
+    assert torch.equal(served.draft_ids, torch.arange(5, 25))
+    assert torch.equal(served.draft_lm_head, head[5:25])
+    base_file(tmp_path, embed, head)  # a full-vocabulary base: the whole LM head
+    assert adaptive_head(tmp_path / "base.safetensors", embed, head).draft_ids is None
+
+
 def test_runtime_without_base_runs_without_adaptive(tmp_path, caplog):
     worker, _, _ = fake_target_worker()
     rt = build_runtime(settings(tmp_path, drafters="static,adaptive"), "srv", worker, "cpu",

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from adaspec import kernels
 from adaspec.core.step import FixedPolicy
 from adaspec.core.errors import ConfigError
 from adaspec.core.engine.sampling import SamplingParams
@@ -616,3 +617,45 @@ def test_an_unusable_state_dir_is_a_config_error(target, tmp_path):
             (state / "versions").symlink_to(tmp_path / "nowhere")
         with pytest.raises(ConfigError, match="unusable"):
             CheckpointStore(state, "adaptive", base.fingerprint)
+
+
+def test_the_base_carries_the_servers_draft_vocabulary_so_the_gate_scores_what_they_draft(target, tmp_path):
+    """A server's adaptive head drafts over the static head's draft ids; the sidecar rebuilds its heads from the
+    base, so the base must carry them: otherwise the gate credits a candidate with tokens it never drafts."""
+    head = AdaptiveHead.for_target(target, inner_size=32, seed=1)
+    full = read_base(write_base(head, tmp_path / "full.safetensors"))
+    ids = torch.arange(3, 40)
+    head.set_draft_vocab(ids)
+    base = read_base(write_base(head, tmp_path / "draft.safetensors"))
+    assert full.draft_ids is None and full.build().draft_ids is None
+    assert torch.equal(base.draft_ids, ids) and torch.equal(base.build(lr=1e-2).draft_ids, ids)
+    assert base.fingerprint != full.fingerprint  # a checkpoint trained over one vocabulary is not resumed on the other
+    # The same held-out samples, scored as served: a restricted head never matches a target outside its ids.
+    feats, targets = _batch(seed=4)
+    restricted, unrestricted = base.build(), full.build()
+    ids_drafted = kernels.draft_topk(restricted.step(feats.hidden, feats.tokens), restricted.draft_lm_head, 1)[0][:, 0]
+    assert bool((restricted.draft_ids[ids_drafted] < 40).all())
+    outside = targets.clone()
+    outside[:, 0] = unrestricted.step(feats.hidden, feats.tokens).float().matmul(
+        unrestricted.lm_head_weight.float().T).argmax(-1)  # what the full-vocabulary head drafts first
+    drafts_outside = outside[:, 0] >= 40
+    assert bool(drafts_outside.any())
+    acc_full = replay_accepted(unrestricted, feats, outside, 1)
+    acc_served = replay_accepted(restricted, feats, outside, 1)
+    assert bool((acc_full[drafts_outside] == 1).all()) and bool((acc_served[drafts_outside] == 0).all())
+
+
+def test_a_base_with_a_bad_draft_vocabulary_is_refused(target, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    head = AdaptiveHead.for_target(target, inner_size=32, seed=1)
+    head.set_draft_vocab(torch.arange(3, 40))
+    path = write_base(head, tmp_path / "b.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["frozen.draft_ids"] = torch.tensor([5, 5, 10**9])
+    save_file(tensors, str(path), meta)
+    with pytest.raises(ConfigError, match="draft vocabulary"):
+        read_base(path)

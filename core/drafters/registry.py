@@ -106,17 +106,25 @@ def _adaptive(settings: Settings, target: object) -> Drafter:
         head = AdaptiveHead.for_target(
             target, inner_size=settings.adaptive_inner_size, seed=settings.seed, lr=settings.adaptive_lr
         )
-    if settings.adaptive_draft_vocab:
-        from adaspec.core.drafters.eagle3 import resolve_static_head
-        from adaspec.core.heads.export_sglang import read_draft_vocab
-
-        try:
-            ids = read_draft_vocab(resolve_static_head(settings.static_head_path, settings.cache_dir, settings.model))
-        except FileNotFoundError:
-            ids = None
-        if ids is not None:
-            head.set_draft_vocab(ids)
+    ids = adaptive_draft_ids(settings)
+    if ids is not None:
+        head.set_draft_vocab(ids)
     return AdaptiveDrafter(head, collect=settings.adaptive_collect)
+
+
+def adaptive_draft_ids(settings: Settings) -> list[int] | None:
+    """The ids the adaptive (MLP) head drafts over: the static head's draft vocabulary with
+    `adaptive_draft_vocab` (None without it, or when no static head is found). One rule for the servers and
+    the sidecar's head base, so the sidecar gates exactly what the servers draft."""
+    if not settings.adaptive_draft_vocab:
+        return None
+    from adaspec.core.drafters.eagle3 import resolve_static_head
+    from adaspec.core.heads.export_sglang import read_draft_vocab
+
+    try:
+        return read_draft_vocab(resolve_static_head(settings.static_head_path, settings.cache_dir, settings.model))
+    except FileNotFoundError:
+        return None
 
 
 def _adapted_static(settings: Settings, target: object) -> Drafter:
