@@ -50,12 +50,7 @@ def adaptive_head(base_path: Path, embed: torch.Tensor, lm_head: torch.Tensor) -
         if t.dim() != 2 or t.shape[0] < rows or t.shape[1] != width:
             raise ConfigError(f"head base {base_path} is for vocab x hidden {(rows, width)}; the served model's "
                               f"{name} is {tuple(t.shape)}")
-    head = AdaptiveHead(cfg, embed[:rows], lm_head[:rows])
-    head.load_state_dict(base.init, strict=True)
-    head = head.to(embed.device).eval()
-    if base.draft_ids is not None:  # draft over what the sidecar trains and gates (the base's vocabulary)
-        head.set_draft_vocab(base.draft_ids)
-    return head
+    return base.build(embed=embed[:rows], lm_head=lm_head[:rows]).to(embed.device)
 
 
 def build_runtime(settings: PluginSettings, server_id: str, target_worker: Any, device: Any,

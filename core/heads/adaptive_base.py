@@ -41,10 +41,11 @@ class HeadBase:
     fingerprint: str
     draft_ids: Tensor | None = None  # [n] target ids the servers draft over; None = the full vocabulary
 
-    def build(self, **overrides: Any) -> AdaptiveHead:
-        """A head at version 0 (`overrides` replace config fields such as lr), over the base's draft vocabulary."""
+    def build(self, embed: Tensor | None = None, lm_head: Tensor | None = None, **overrides: Any) -> AdaptiveHead:
+        """A head at version 0 (`overrides` replace config fields such as lr), over the base's draft vocabulary;
+        `embed`/`lm_head` (a server's own tensors, same shape) replace the base's frozen copies."""
         cfg = dataclasses.replace(self.config, **overrides)
-        head = AdaptiveHead(cfg, self.embed, self.lm_head)
+        head = AdaptiveHead(cfg, self.embed if embed is None else embed, self.lm_head if lm_head is None else lm_head)
         head.load_state_dict(self.init, strict=True)
         if self.draft_ids is not None:
             head.set_draft_vocab(self.draft_ids)
