@@ -36,7 +36,6 @@ Nothing here is random: equal inputs give equal plans (the seed only shifts the 
 
 from __future__ import annotations
 
-
 from typing import Sequence
 
 from adaspec.core.controller.calibration import Calibrator
@@ -481,16 +480,15 @@ class AtlasPolicy(PolicyBase):
                 continue
             if E / T > best_ratio:
                 best_ratio, best = E / T, (W, picks, T / base_t)
-        ratio = best[2] if best is not None else 1.0
         for i in range(B):
             pick = best[1][i] if best is not None else None
-            r = rows[i]
             if pick is None:
                 choice_d[i], choice_k[i], curves[i] = -1, 0, None
-                r.slack += 1.0 - ratio
             else:
                 choice_d[i], choice_k[i], curves[i] = pick[0], pick[1], pick[2]
-                r.slack += 1.0 + pick[3] - ratio
+        if floored and best is not None:  # charge each row's floor account with the chosen plan
+            for r, pick in zip(rows, best[1]):
+                r.slack += 1.0 + (pick[3] if pick is not None else 0.0) - best[2]
         return best_ratio
 
     @staticmethod
