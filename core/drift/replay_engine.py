@@ -51,7 +51,7 @@ class TraceEngine(SpecEngine):
         batch_size: int = 4,
         padded_verify: bool = True,
     ) -> None:
-        super().__init__(target, drafters, batch_size=batch_size)
+        super().__init__(target, drafters, batch_size=batch_size, ragged_verify=False)
         self.verify_time = verify_time
         #: Model the reference engine's padded verify (measured costs) or a ragged one (a GPU profile, SGLang).
         self.padded_verify = padded_verify

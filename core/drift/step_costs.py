@@ -37,8 +37,9 @@ class StepCosts:
     source: str = "measured"
     #: Batched drafters (one forward per chain position for all rows): seconds per position per step.
     draft_step: dict[str, float] = field(default_factory=dict)
-    #: The verify forward runs right-padded chunks (the reference engine): a step's tokens are its batch times
-    #: its widest chunk, so one request's longer chain costs every row. False: ragged (SGLang), tokens summed.
+    #: The verify forward runs right-padded chunks (the reference engine where its attention cannot run
+    #: packed): a step's tokens are its batch times its widest chunk, so one request's longer chain costs every
+    #: row. False: ragged (the reference engine on SDPA, SGLang), tokens summed.
     padded: bool = False
     #: What a forward that verifies any draft costs on top of its tokens (matmul shapes past one row per request).
     spec: float = 0.0
@@ -143,11 +144,13 @@ def measure_costs(
         for r in records:
             if not r.prefill:
                 by_step.setdefault(r.step, []).append(r)
-        for recs in by_step.values():  # the engine pads: a forward runs batch x its widest chunk
-            samples.append((len(recs) * max(r.chunk_tokens for r in recs), recs[0].batch_size,
-                            any(r.drafted for r in recs), recs[0].verify_s))
+        for recs in by_step.values():  # padded, a forward runs batch x its widest chunk; ragged, its tokens
+            tokens = (len(recs) * max(r.chunk_tokens for r in recs) if padded
+                      else sum(r.chunk_tokens for r in recs))
+            samples.append((tokens, recs[0].batch_size, any(r.drafted for r in recs), recs[0].verify_s))
 
     warm = SpecEngine(target, {}, batch_size=2)
+    padded = warm.padded_verify  # every engine below verifies as this one does
     warm.generate([RequestSpec(list(prompts[0]), "warm")], SamplingParams(max_new_tokens=4), FixedPolicy(None, 0))
     for bs in (1, 4):
         eng = SpecEngine(target, {}, batch_size=bs)
@@ -171,7 +174,7 @@ def measure_costs(
             drafted = sum(r.drafted for r in recs)
             draft[name] = (sum(steps.values()) + timed.observe_s) / max(1, drafted)
     a, b, c, spec = _fit_verify(samples)
-    return StepCosts(a, b, c, draft, "measured", padded=True, spec=spec)
+    return StepCosts(a, b, c, draft, "measured", padded=padded, spec=spec)
 
 
 #: Named cost profiles for regimes this machine cannot measure. `gpu-small-model` is an *assumption*, not a
@@ -213,7 +216,8 @@ def load_or_measure(
     """Costs cached per machine setup in `path` (JSON); measured when missing, or when asked to."""
     if path.is_file() and not remeasure:
         costs = StepCosts.from_json(json.loads(path.read_text()))
-        if all(n in costs.draft or n in costs.draft_step for n in drafters if n != "none"):
+        padded = not SpecEngine(target, {}).ragged_verify  # a cache from the other verify mode is stale
+        if costs.padded == padded and all(n in costs.draft or n in costs.draft_step for n in drafters if n != "none"):
             return costs
     costs = measure_costs(target, drafters, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)

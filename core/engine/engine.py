@@ -2,12 +2,12 @@
 
 One step for the running batch reads as its four stages: `_draft` (the policy picks (drafter, k) per request,
 drafters propose chains, the policy trims them), `_forward` (the target runs every chain in ONE forward,
-chains of different lengths right-padded into one chunk), `_verify` (greedy or exact rejection sampling
-decides how much of each chain survives; the KV cache keeps exactly the surviving positions) and `_commit`
-(tokens emitted, one `StepRecord` per request, every drafter observes what was accepted, the policy and the
-listeners get the records). The trace engine (`adaspec.core.drift.replay_engine`) replaces `_forward` and
-`_verify` only. New requests are admitted by a prefill forward (which may already carry a draft) and merged
-into the running batch (continuous batching).
+chains of different lengths packed into one row for the linear layers -- `ragged` -- or right-padded),
+`_verify` (greedy or exact rejection sampling decides how much of each chain survives; the KV cache keeps
+exactly the surviving positions) and `_commit` (tokens emitted, one `StepRecord` per request, every drafter
+observes what was accepted, the policy and the listeners get the records). The trace engine
+(`adaspec.core.drift.replay_engine`) replaces `_forward` and `_verify` only. New requests are admitted by a
+prefill forward (which may already carry a draft) and merged into the running batch (continuous batching).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from adaspec import kernels
 from adaspec.core.drafters.base import Draft, Drafter, DraftRequest, Observation
+from adaspec.core.engine import ragged
 from adaspec.core.engine.kv import BatchKV
 from adaspec.core.engine.profile import StepProfile
 from adaspec.core.engine.sampling import SamplingParams, target_probs
@@ -101,6 +102,7 @@ class Forward:
     logits: torch.Tensor | None  # [B, K+1, V] from each row's last pending token to its last draft token
     out: Any  # the model output (hidden states are read from it after acceptance)
     started: float  # perf_counter() when the forward started
+    packed: ragged.RaggedChunk | None = None  # set when the chunks ran packed (the outputs are [1, T, ...])
 
 
 @dataclass
@@ -117,21 +119,23 @@ class Verdict:
 class SpecEngine:
     """Batched speculative decoding over one target model with a set of named drafters."""
 
-    #: Chains of different lengths are right-padded into one chunk: a step costs batch x its widest chain.
-    padded_verify = True
-
     def __init__(
         self,
         target: Target,
         drafters: Mapping[str, Drafter] | Iterable[Drafter] = (),
         batch_size: int = 4,
         compact_holes_ratio: float = 0.25,
+        ragged_verify: bool = True,
     ) -> None:
         if isinstance(drafters, Mapping):
             self.drafters = dict(drafters)
         else:
             self.drafters = {d.name: d for d in drafters}
         self.target = target
+        #: Chunks of different lengths run packed (`ragged`: a step costs its real tokens) where the model's
+        #: attention allows it; otherwise right-padded (a step costs batch x its widest chunk).
+        self.ragged_verify = bool(ragged_verify) and ragged.enable(target.model)
+        self.padded_verify = not self.ragged_verify
         self.batch_size = batch_size
         self.compact_holes_ratio = compact_holes_ratio
         self.step_count = 0
@@ -259,28 +263,42 @@ class SpecEngine:
         self._commit(states, kv_lens, plans, names, drafts, verdict, draft_s, prefill, policy)
 
     def _forward(self, states: Sequence[RequestState], drafts: Sequence[Draft], kv: BatchKV) -> Forward:
-        """One target forward over every request's pending tokens + draft, right-padded into one chunk."""
+        """One target forward over every request's pending tokens + draft: packed when the chunks differ in
+        length and the engine verifies ragged, else right-padded into one chunk (the two share the cache)."""
         device = self.target.device
         B = len(states)
         chunks = [st.pending + d.tokens for st, d in zip(states, drafts)]
         pend = torch.tensor([len(st.pending) for st in states], dtype=torch.long)  # [B]
         dlen = torch.tensor([len(d.tokens) for d in drafts], dtype=torch.long)  # [B]
+        lens = pend + dlen  # [B]
         width = max(len(c) for c in chunks)
         K = int(dlen.max())
-        input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)  # [B, C]
-        for i, c in enumerate(chunks):
-            input_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         if kv.batch_size == 0:
             kv.valid = torch.zeros(B, 0, dtype=torch.bool, device=device)
             kv.lengths = torch.zeros(B, dtype=torch.long, device=device)
-        mask, positions = kv.step_inputs((pend + dlen).to(device), width)
 
         # Logits are needed only from each row's last pending token to its last draft token.
         offs = (pend - 1).unsqueeze(1) + torch.arange(K + 1).unsqueeze(0)  # [B, K+1]
-        offs = torch.minimum(offs, (pend + dlen - 1).unsqueeze(1))  # clamp padding to the row's last slot
-        cols, inverse = torch.unique(offs, return_inverse=True)
-
+        offs = torch.minimum(offs, (lens - 1).unsqueeze(1))  # clamp padding to the row's last slot
+        hidden = bool(self.hidden_layers)
         t0 = time.perf_counter()
+        if self.ragged_verify and int(lens.sum()) < B * width:
+            packed = ragged.RaggedChunk.build(lens, kv.valid, kv.cache)
+            starts = torch.cumsum(lens, 0) - lens  # [B]
+            cols, inverse = torch.unique(starts.unsqueeze(1) + offs, return_inverse=True)
+            input_ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long).unsqueeze(0)  # [1, T]
+            positions = (kv.lengths[packed.rows] + packed.offs).unsqueeze(0)  # [1, T]
+            out = self.target.model(input_ids=input_ids.to(device), position_ids=positions, use_cache=False,
+                                    logits_to_keep=cols.to(device), output_hidden_states=hidden,
+                                    **{ragged.KWARG: packed})
+            logits = out.logits[0, inverse.to(device)]  # [B, K+1, V]
+            return Forward(chunks, pend, dlen, width, logits, out, t0, packed)
+
+        input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)  # [B, C]
+        for i, c in enumerate(chunks):
+            input_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        mask, positions = kv.step_inputs(lens.to(device), width)
+        cols, inverse = torch.unique(offs, return_inverse=True)
         out = self.target.model(
             input_ids=input_ids.to(device),
             attention_mask=mask,
@@ -288,7 +306,7 @@ class SpecEngine:
             use_cache=True,
             **{self.target.cache_kwarg: kv.cache},
             logits_to_keep=cols.to(device),
-            output_hidden_states=bool(self.hidden_layers),
+            output_hidden_states=hidden,
         )
         rows = torch.arange(B).unsqueeze(1)
         logits = out.logits[rows.to(device), inverse.to(device)]  # [B, K+1, V]
@@ -324,7 +342,7 @@ class SpecEngine:
         keep = fwd.pend + torch.tensor(accepted_l, dtype=torch.long)  # [B] kept positions per row
         kv.commit(keep.to(device), fwd.width)
         verify_s = time.perf_counter() - fwd.started
-        hidden = self._hidden(fwd.out) if self.hidden_layers else None  # [B, C, L, d]
+        hidden = self._hidden(fwd) if self.hidden_layers else None  # [B, C, L, d]
         kept = [fwd.chunks[i][: int(keep[i])] for i in range(B)]
         rows = [None if hidden is None else hidden[i, : len(kept[i])] for i in range(B)]
         return Verdict(accepted_l, next_l, kept, rows, verify_s)
@@ -441,12 +459,13 @@ class SpecEngine:
                 q[i, torch.arange(n), torch.tensor(d.tokens)] = 1.0
         return q
 
-    def _hidden(self, out) -> torch.Tensor:
+    def _hidden(self, fwd: Forward) -> torch.Tensor:
         """[B, C, len(hidden_layers), d] hidden states of the requested target layers (-1 = final normed)."""
         # transformers 5: (embeddings, layer 0 output, ..., layer L-2 output, final *normed* hidden state)
-        hs = out.hidden_states
+        hs = fwd.out.hidden_states
         picked = [hs[-1] if layer == -1 else hs[min(layer + 1, len(hs) - 1)] for layer in self.hidden_layers]
-        return torch.stack(picked, dim=2)
+        stacked = torch.stack(picked, dim=2)  # [B, C, L, d], or [1, T, L, d] packed
+        return stacked if fwd.packed is None else fwd.packed.unpack(stacked[0])
 
     def _result(self, st: RequestState) -> GenerationResult:
         return GenerationResult(
