@@ -178,9 +178,10 @@ def _records(results):
             for g in results]
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_replay_equals_live_for_every_step(tiny, tmp_path, batch_size):
-    """Same drafters, same policy, same steps: the trace engine reproduces the live engine record for record."""
+@pytest.mark.parametrize("batch_size,ragged", [(1, True), (3, True), (3, False)])
+def test_replay_equals_live_for_every_step(tiny, tmp_path, batch_size, ragged):
+    """Same drafters, same policy, same steps: the trace engine reproduces the live engine record for record
+    (replaying the live engine's verify mode: ragged, or right-padded)."""
     prompts = tiny_prompts(7)
     traces = TraceStore(tmp_path, tiny).ensure(prompts, 24, [-1])
     reference = {tuple(p): tr.output for p, tr in zip(prompts, traces)}
@@ -195,8 +196,8 @@ def test_replay_equals_live_for_every_step(tiny, tmp_path, batch_size):
         specs = [RequestSpec(list(p), f"q{i}") for i, p in enumerate(prompts)]
         return engine.generate(specs, params, policy)
 
-    live = run(SpecEngine)
-    replay = run(TraceEngine, verify_time=COSTS.verify_time)
+    live = run(SpecEngine, ragged_verify=ragged)
+    replay = run(TraceEngine, verify_time=COSTS.verify_time, padded_verify=not ragged)
     assert [g.output_tokens for g in replay] == [g.output_tokens for g in live]
     assert _records(replay) == _records(live)
     assert sum(r.accepted for g in live for r in g.records) > 0

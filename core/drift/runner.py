@@ -127,7 +127,8 @@ class PolicyRunner:
         s = settings.model_copy(update={"adaptive_collect": 32768 if learning and not external else 0})
         drafters = make_drafters(names, s, target)
         if live:
-            engine: SpecEngine = SpecEngine(target, drafters, batch_size=batch_size)
+            # The engine verifies as the costs price it (measured ones were fitted on this engine's mode).
+            engine: SpecEngine = SpecEngine(target, drafters, batch_size=batch_size, ragged_verify=not costs.padded)
         else:
             engine = TraceEngine(target, drafters, costs.verify_time, batch_size=batch_size,
                                  padded_verify=costs.padded)
