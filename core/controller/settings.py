@@ -64,7 +64,7 @@ class ControllerSettings(BaseSettings):
         "the raw confidence, which can be far off).",
     )
     peek_min_evidence: float = Field(
-        default=64.0, ge=0.0, le=1e12,
+        default=16.0, ge=0.0, le=1e12,
         description="Calibrated tokens a peeked drafter needs before its draft's calibrated confidence replaces the "
         "running statistics in planning.",
     )
