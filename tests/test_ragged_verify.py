@@ -45,7 +45,24 @@ def _run(target, drafters, prompts, params, policy, ragged_verify, batch_size, m
     return eng, res, hidden, len(packed)
 
 
-@pytest.mark.parametrize("batch_size", [3, 8])
+@pytest.mark.parametrize("lens", [[1, 2, 2, 2], [1, 2, 2, 2, 2], [3, 1, 1], [5, 1, 1, 1], [2, 2, 1]])
+def test_the_packed_row_is_filled_to_a_multiple_in_padding_slots(lens):
+    """Real tokens first, row after row; fillers round the length up to PACK_MULTIPLE, each in a padding slot
+    of its row (one column more when there are too few), and no real query attends to one."""
+    lens_t = torch.tensor(lens)
+    chunk = ragged.RaggedChunk.build(lens_t, torch.ones(len(lens), 3, dtype=torch.bool), cache=None)
+    T = sum(lens)
+    assert chunk.real == T and (T + chunk.fillers) % ragged.PACK_MULTIPLE == 0 and chunk.fillers < 4
+    expect = [(i, j) for i, n in enumerate(lens) for j in range(n)]
+    assert list(zip(chunk.rows[:T].tolist(), chunk.offs[:T].tolist())) == expect
+    fill = list(zip(chunk.rows[T:].tolist(), chunk.offs[T:].tolist()))
+    assert all(j >= lens[i] and j < chunk.width for i, j in fill) and len(set(fill)) == len(fill)
+    for i, j in expect:  # a real query sees its row's cache and its own chunk up to itself, nothing else
+        row = chunk.mask[i, 0, j].tolist()
+        assert row[:3] == [True] * 3 and row[3:] == [c <= j for c in range(chunk.width)]
+
+
+@pytest.mark.parametrize("batch_size", [3, 5, 8])
 def test_packed_steps_match_padded_ones(target, prompts, reference, batch_size, monkeypatch):
     """Random chains of every length 0..6 per row: the ragged engine packs its mixed steps (and the prefill
     of prompts of different lengths), and emits, accepts and observes exactly what the padded engine does."""

@@ -98,7 +98,7 @@ class Forward:
     chunks: list[list[int]]  # per request: the tokens fed (pending + draft)
     pend: torch.Tensor  # [B] pending tokens per request
     dlen: torch.Tensor  # [B] draft tokens per request
-    width: int  # C: the right-padded chunk width
+    width: int  # C: the chunk width the KV cache appended (right-padded, or the packed chunk's)
     logits: torch.Tensor | None  # [B, K+1, V] from each row's last pending token to its last draft token
     out: Any  # the model output (hidden states are read from it after acceptance)
     started: float  # perf_counter() when the forward started
@@ -282,17 +282,21 @@ class SpecEngine:
         offs = torch.minimum(offs, (lens - 1).unsqueeze(1))  # clamp padding to the row's last slot
         hidden = bool(self.hidden_layers)
         t0 = time.perf_counter()
-        if self.ragged_verify and int(lens.sum()) < B * width:
+        tokens = int(lens.sum())
+        # Packed when the chunks differ in length, or when a speculative step's token count is off the GEMM
+        # kernels' multiple (the fillers round it: `ragged`); a plain step stays on transformers' own path.
+        if self.ragged_verify and (tokens < B * width or (K and tokens % ragged.PACK_MULTIPLE)):
             packed = ragged.RaggedChunk.build(lens, kv.valid, kv.cache)
             starts = torch.cumsum(lens, 0) - lens  # [B]
             cols, inverse = torch.unique(starts.unsqueeze(1) + offs, return_inverse=True)
-            input_ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long).unsqueeze(0)  # [1, T]
-            positions = (kv.lengths[packed.rows] + packed.offs).unsqueeze(0)  # [1, T]
+            flat = [t for c in chunks for t in c] + [self.pad_id] * packed.fillers
+            input_ids = torch.tensor(flat, dtype=torch.long).unsqueeze(0)  # [1, T + fillers]
+            positions = (kv.lengths[packed.rows] + packed.offs).unsqueeze(0)  # [1, T + fillers]
             out = self.target.model(input_ids=input_ids.to(device), position_ids=positions, use_cache=False,
                                     logits_to_keep=cols.to(device), output_hidden_states=hidden,
                                     **{ragged.KWARG: packed})
             logits = out.logits[0, inverse.to(device)]  # [B, K+1, V]
-            return Forward(chunks, pend, dlen, width, logits, out, t0, packed)
+            return Forward(chunks, pend, dlen, packed.width, logits, out, t0, packed)  # fillers may widen it
 
         input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)  # [B, C]
         for i, c in enumerate(chunks):
