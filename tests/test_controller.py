@@ -541,6 +541,22 @@ def test_atlas_drives_the_real_engine_losslessly(tiny_target):
     assert policy.calibrators[0].evidence > 0
 
 
+def test_a_batched_head_drafts_only_when_its_rows_pay_for_its_positions():
+    """A head's chain positions cost per step (`draft_step`), shared by its rows: one row alone in a batch of
+    four does not pay 40 ms per position for one 0.6 token, four rows together do; cheap positions always pay."""
+    def ks(step_s: float, rows_with_room: int) -> list[int]:
+        costs = CostModel(verify_fixed_s=0.1, verify_token_s=0.002, draft_costs={"static": 0.0},
+                          draft_step_costs={"static": step_s}, frozen=True)
+        pol = AtlasPolicy(["static"], ControllerSettings(guarded=(), explore_every=0, prior_acceptance=0.6),
+                          costs=costs)
+        states = [state(f"r{i}", max_new=10_000 if i < rows_with_room else 1) for i in range(4)]
+        return [p.k for p in pol.plan(states)]
+
+    assert ks(0.04, 1) == [0, 0, 0, 0]
+    assert ks(0.04, 4) == [1, 1, 1, 1]
+    assert ks(0.001, 1)[0] >= 3
+
+
 def test_peeking_in_the_engine_is_lossless_and_asks_the_cheap_drafter_once_per_step(tiny_target):
     from adaspec.core.drafters.prompt_lookup import PromptLookupDrafter
     from adaspec.core.engine.engine import SpecEngine

@@ -399,6 +399,7 @@ class AtlasPolicy(PolicyBase):
         if decode:
             self._lam_decode = lam
         if cm.draft_step and pairs and not cm.padded:
+            self._drop_unpaid_batched(B, choice_d, choice_k, curves, lam)
             self._fill_batched(B, rows, choice_d, choice_k, curves, lam)
 
         if s.explore_every and not capped:  # the hard cap means no drafting at all, exploration included
@@ -502,6 +503,28 @@ class AtlasPolicy(PolicyBase):
             if ratio - emitted > r.slack:
                 return False
         return True
+
+    def _drop_unpaid_batched(self, B: int, choice_d: list[int], choice_k: list[int], curves: list,
+                             lam: float) -> None:
+        """The per-row pass prices a batched drafter's chain positions as if the whole batch shared them; when
+        only a row or two chose it, its positions (its step cost x the deepest chain) may cost more than its
+        rows' tokens gain at the batch's goodput lam. Then none of its rows drafts with it this step (on this
+        CPU one head position costs about as much as verifying a few tokens)."""
+        cm = self.costs
+        gain: dict[int, float] = {}
+        depth: dict[int, int] = {}
+        for i in range(B):
+            d, k = choice_d[i], choice_k[i]
+            if d < 0 or not k or cm.draft_step_cost(self.names[d]) <= 0.0 or curves[i] is None:
+                continue
+            v = sum(curves[i][:k])
+            gain[d] = gain.get(d, 0.0) + v - lam * (cm.b + cm.draft_cost(self.names[d])) * k
+            depth[d] = max(depth.get(d, 0), k)
+        for d, g in gain.items():
+            if g < lam * cm.draft_step_cost(self.names[d]) * depth[d]:
+                for i in range(B):
+                    if choice_d[i] == d:
+                        choice_d[i], choice_k[i], curves[i] = -1, 0, None
 
     def _fill_batched(self, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int],
                       curves: list, lam: float) -> None:

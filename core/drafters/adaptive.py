@@ -34,6 +34,7 @@ class AdaptiveDrafter(DrafterBase):
     """Drafter protocol over an `AdaptiveHead`; greedy chains, confidence = the head's softmax probability."""
 
     hidden_layers: tuple[int, ...] = (-1,)
+    chain_forwards = True
 
     def __init__(self, head: AdaptiveHead, name: str = "adaptive", collect: int = 0, unroll: int = 3) -> None:
         self.name = name

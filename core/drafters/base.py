@@ -126,6 +126,9 @@ class Drafter(Protocol):
     #: Version of the weights it drafts with (0: its initial weights; model-free drafters stay at 0). Whoever
     #: swaps weights in sets it, so every StepRecord carries the version its draft came from.
     weight_version: int
+    #: True for a model drafter whose `propose` runs one forward per chain position over all the rows it drafts
+    #: for (a head): its cost is mostly per position per step, shared by those rows, not per token.
+    chain_forwards: bool
 
     def start(self, request: DraftRequest) -> None:
         """A request enters the batch (prompt known, nothing generated yet)."""
@@ -152,6 +155,7 @@ class DrafterBase:
     name: str = "drafter"
     hidden_layers: tuple[int, ...] = ()
     weight_version: int = 0
+    chain_forwards: bool = False
 
     def start(self, request: DraftRequest) -> None:
         """A request enters the batch."""

@@ -97,6 +97,8 @@ def pad_past(states: Sequence[_HeadState], device: torch.device) -> tuple[Tensor
 class Eagle3Drafter(DrafterBase):
     """Drafter protocol over an `Eagle3Head`; greedy chains, confidence = the head's softmax probability."""
 
+    chain_forwards = True
+
     def __init__(self, head: Eagle3Head, name: str = "static", max_backlog: int = 256) -> None:
         self.name = name
         self.head = head.eval()

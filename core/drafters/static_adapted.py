@@ -47,6 +47,8 @@ class _Collect:
 class AdaptedStaticDrafter(DrafterBase):
     """Greedy chains of the static head with the adapter's deltas; confidence = the adapted softmax prob."""
 
+    chain_forwards = True
+
     def __init__(self, base: Eagle3Drafter, adapter: StaticAdapter, name: str = "adaptive",
                  collect: int = 0, max_stream: int = 4096) -> None:
         self.name = name

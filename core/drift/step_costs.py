@@ -99,6 +99,7 @@ class _TimedDrafter(DrafterBase):
         self.name = inner.name
         self.hidden_layers = inner.hidden_layers
         self.weight_version = inner.weight_version
+        self.chain_forwards = inner.chain_forwards
         self.observe_s = 0.0
 
     def start(self, request):
@@ -130,6 +131,22 @@ def _fit_verify(samples: Sequence[tuple[int, int, bool, float]]) -> tuple[float,
     return coef[0], max(coef[1], 1e-9), coef[2], coef[3]
 
 
+def _fit_draft(steps: Sequence[tuple[int, int, float]]) -> tuple[float, float] | None:
+    """(seconds per chain position per step, seconds per drafted token) of a chain drafter, by non-negative
+    least squares over its drafting steps; None when the steps cannot separate the two (one shape only) or
+    the per-position part comes out zero."""
+    if len({(p, t) for p, t, _ in steps}) < 2:
+        return None
+    X = torch.tensor([[float(p), float(t)] for p, t, _ in steps], dtype=torch.float64)
+    y = torch.tensor([s for *_, s in steps], dtype=torch.float64).unsqueeze(1)
+    per_pos, per_tok = torch.linalg.lstsq(X, y).solution[:, 0].tolist()
+    if per_tok < 0.0:  # all of it per position
+        per_pos, per_tok = float((X[:, 0:1].T @ y / (X[:, 0:1].T @ X[:, 0:1])).item()), 0.0
+    if per_pos <= 0.0:
+        return None
+    return per_pos, per_tok
+
+
 def measure_costs(
     target: Any, drafters: Mapping[str, Drafter], prompts: Sequence[Sequence[int]], new_tokens: int = 24,
     k: int = 6,
@@ -157,24 +174,41 @@ def measure_costs(
         res = eng.generate([RequestSpec(list(p), f"n{bs}-{i}") for i, p in enumerate(prompts[:bs * 2])],
                            params, FixedPolicy(None, 0))
         verify_samples([r for g in res for r in g.records])
+    draft_step: dict[str, float] = {}
     for name, d in drafters.items():
         if name == "none":
             continue
         timed = _TimedDrafter(d)
-        eng = SpecEngine(target, {name: timed}, batch_size=4)
-        for dk in (2, k):
+        # A chain drafter (a head) is also run alone at batch 1: its step cost is per chain position, shared by
+        # the rows it drafts for, and a batch-4 run alone cannot tell that from a per-token cost.
+        runs = [(4, 2), (4, k)] + ([(1, k)] if d.chain_forwards else [])
+        steps: list[tuple[int, int, float]] = []  # (positions, tokens, draft seconds) per drafting step
+        observe_s, drafted = 0.0, 0
+        for bs, dk in runs:
+            eng = SpecEngine(target, {name: timed}, batch_size=bs)
             timed.observe_s = 0.0
-            res = eng.generate([RequestSpec(list(p), f"{name}-{dk}-{i}") for i, p in enumerate(prompts[:4])],
+            res = eng.generate([RequestSpec(list(p), f"{name}-{bs}-{dk}-{i}") for i, p in enumerate(prompts[: max(2, bs)])],
                                params, FixedPolicy(name, dk))
             recs = [r for g in res for r in g.records]
             verify_samples(recs)
             if dk != k:
                 continue
-            steps = {r.step: r.draft_s for r in recs if r.drafted}
-            drafted = sum(r.drafted for r in recs)
-            draft[name] = (sum(steps.values()) + timed.observe_s) / max(1, drafted)
+            by_step: dict[int, list[StepRecord]] = {}
+            for r in recs:
+                if r.drafted:
+                    by_step.setdefault(r.step, []).append(r)
+            steps += [(max(r.drafted for r in rs), sum(r.drafted for r in rs), rs[0].draft_s)
+                      for rs in by_step.values()]
+            observe_s += timed.observe_s
+            drafted += sum(r.drafted for r in recs)
+        per_token_observe = observe_s / max(1, drafted)
+        fit = _fit_draft(steps) if d.chain_forwards else None
+        if fit is None:
+            draft[name] = (sum(t for *_, t in steps) + observe_s) / max(1, drafted)
+        else:
+            draft_step[name], draft[name] = fit[0], fit[1] + per_token_observe
     a, b, c, spec = _fit_verify(samples)
-    return StepCosts(a, b, c, draft, "measured", padded=padded, spec=spec)
+    return StepCosts(a, b, c, draft, "measured", draft_step=draft_step, padded=padded, spec=spec)
 
 
 #: Named cost profiles for regimes this machine cannot measure. `gpu-small-model` is an *assumption*, not a
