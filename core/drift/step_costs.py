@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -131,10 +131,18 @@ def _fit_verify(samples: Sequence[tuple[int, int, bool, float]]) -> tuple[float,
     return coef[0], max(coef[1], 1e-9), coef[2], coef[3]
 
 
+def _by_step(records: Iterable[StepRecord]) -> list[list[StepRecord]]:
+    """Records grouped by the engine step (one forward) they came from, in order."""
+    groups: dict[int, list[StepRecord]] = {}
+    for r in records:
+        groups.setdefault(r.step, []).append(r)
+    return list(groups.values())
+
+
 def _fit_draft(steps: Sequence[tuple[int, int, float]]) -> tuple[float, float] | None:
-    """(seconds per chain position per step, seconds per drafted token) of a chain drafter, by non-negative
-    least squares over its drafting steps; None when the steps cannot separate the two (one shape only) or
-    the per-position part comes out zero."""
+    """(seconds per chain position per step, seconds per drafted token) of a chain drafter, by least squares
+    over its drafting steps (a negative per-token part refits all of it per position); None when the steps
+    cannot separate the two (one shape only) or the per-position part comes out zero."""
     if len({(p, t) for p, t, _ in steps}) < 2:
         return None
     X = torch.tensor([[float(p), float(t)] for p, t, _ in steps], dtype=torch.float64)
@@ -157,11 +165,8 @@ def measure_costs(
     draft: dict[str, float] = {}
 
     def verify_samples(records: Sequence[StepRecord]) -> None:
-        by_step: dict[int, list[StepRecord]] = {}
-        for r in records:
-            if not r.prefill:
-                by_step.setdefault(r.step, []).append(r)
-        for recs in by_step.values():  # padded, a forward runs batch x its widest chunk; ragged, its tokens
+        for recs in _by_step(r for r in records if not r.prefill):
+            # padded, a forward runs batch x its widest chunk; ragged, its tokens
             tokens = (len(recs) * max(r.chunk_tokens for r in recs) if padded
                       else sum(r.chunk_tokens for r in recs))
             samples.append((tokens, recs[0].batch_size, any(r.drafted for r in recs), recs[0].verify_s))
@@ -187,18 +192,14 @@ def measure_costs(
         for bs, dk in runs:
             eng = SpecEngine(target, {name: timed}, batch_size=bs)
             timed.observe_s = 0.0
-            res = eng.generate([RequestSpec(list(p), f"{name}-{bs}-{dk}-{i}") for i, p in enumerate(prompts[: max(2, bs)])],
-                               params, FixedPolicy(name, dk))
+            specs = [RequestSpec(list(p), f"{name}-{bs}-{dk}-{i}") for i, p in enumerate(prompts[: max(2, bs)])]
+            res = eng.generate(specs, params, FixedPolicy(name, dk))
             recs = [r for g in res for r in g.records]
             verify_samples(recs)
             if dk != k:
                 continue
-            by_step: dict[int, list[StepRecord]] = {}
-            for r in recs:
-                if r.drafted:
-                    by_step.setdefault(r.step, []).append(r)
             steps += [(max(r.drafted for r in rs), sum(r.drafted for r in rs), rs[0].draft_s)
-                      for rs in by_step.values()]
+                      for rs in _by_step(r for r in recs if r.drafted)]
             observe_s += timed.observe_s
             drafted += sum(r.drafted for r in recs)
         per_token_observe = observe_s / max(1, drafted)

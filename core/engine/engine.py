@@ -263,8 +263,9 @@ class SpecEngine:
         self._commit(states, kv_lens, plans, names, drafts, verdict, draft_s, prefill, policy)
 
     def _forward(self, states: Sequence[RequestState], drafts: Sequence[Draft], kv: BatchKV) -> Forward:
-        """One target forward over every request's pending tokens + draft: packed when the chunks differ in
-        length and the engine verifies ragged, else right-padded into one chunk (the two share the cache)."""
+        """One target forward over every request's pending tokens + draft: packed when the engine verifies
+        ragged and the chunks differ in length (or a speculative step's token count is off the packing
+        multiple), else right-padded into one chunk (the two share the cache)."""
         device = self.target.device
         B = len(states)
         chunks = [st.pending + d.tokens for st, d in zip(states, drafts)]
