@@ -1,6 +1,6 @@
 """Which kernel backend is allowed and available: env parsing and import probes, with no triton import.
 
-Kept apart from the kernels so that `adaspec.kernels` imports on machines without triton or CUDA; the
+Kept apart from the kernels so that `adaspec.kernels.dispatch` imports on machines without triton or CUDA; the
 Triton modules are only imported once a Triton path has actually been chosen.
 """
 

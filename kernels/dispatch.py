@@ -11,7 +11,8 @@ Choice (env `ADASPEC_KERNELS`, read on every call):
   flashinfer even when flashinfer draws its own random numbers (exact in distribution, not reproducible from
   `uniforms`); the flashinfer wrapper falls back to the reference wherever flashinfer does not fit.
 
-Kernel modules are imported lazily so that this package imports without triton.
+Kernel modules are imported lazily so that this module imports without triton. `adaspec.kernels` is a namespace
+package (no __init__.py): see the note at `package-dir` in pyproject.toml.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adaspec import kernels
+from adaspec.kernels import dispatch
 from adaspec.core.heads.adaptive import IGNORE, AdaptiveFeatures, AdaptiveHead
 
 
@@ -35,7 +35,7 @@ def replay_accepted(head: AdaptiveHead, features: AdaptiveFeatures, targets: Ten
         if alive.numel() == 0:
             break
         g = head.step(h, tok)
-        ids = kernels.draft_topk(g, head.draft_lm_head, 1)[0][:, 0]  # the vocabulary it drafts over when served
+        ids = dispatch.draft_topk(g, head.draft_lm_head, 1)[0][:, 0]  # the vocabulary it drafts over when served
         if head.draft_ids is not None:
             ids = head.draft_ids[ids]
         want = tgt[alive, j]

@@ -104,7 +104,7 @@ def test_generate_json_prompt_lookup_on_code_edit(data_dir):
 
 @pytest.mark.model
 def test_check_lossless_passes_and_catches_a_broken_verifier(data_dir, monkeypatch):
-    from adaspec import kernels
+    from adaspec.kernels import dispatch
     from adaspec.core.cli import app
 
     args = ["check-lossless", "--prompts", str(data_dir / "code_edit.jsonl"), "--limit", "2",
@@ -116,7 +116,7 @@ def test_check_lossless_passes_and_catches_a_broken_verifier(data_dir, monkeypat
     def accept_everything(draft, lens, argmax):
         return lens.clone(), argmax.gather(1, lens[:, None]).squeeze(1), lens + 1
 
-    monkeypatch.setattr(kernels, "greedy_verify", accept_everything)
+    monkeypatch.setattr(dispatch, "greedy_verify", accept_everything)
     bad = CliRunner().invoke(app, args)
     assert bad.exit_code == 1 and "DIVERGED" in bad.output
 

@@ -9,6 +9,9 @@ are read from the source (AST), function-level imports included, so a lazy impor
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,23 @@ def test_the_scan_sees_a_leak(tmp_path):
     leak.write_text("def f():\n    from adaspec.sidecar.base import x\n    return getattr(p, 'trim', None)\n")
     assert (2, "adaspec.sidecar.base") in _imports(leak)
     assert _probes(leak) == [(3, "trim")]
+
+
+#: The top-level folders pyproject.toml maps into the `adaspec` namespace.
+MAPPED_FOLDERS = ("core", "sglang_ext", "sidecar", "kernels")
+
+
+def test_no_top_level_folder_shadows_an_installed_distribution():
+    """`python -m ...` from the repo root puts the root on sys.path, where a folder with an __init__.py is a
+    regular top-level package and wins over a site-packages one of the same name (how `kernels/` broke
+    transformers 5.25, which imports Hugging Face's `kernels`). A namespace portion (no __init__.py) never does."""
+    installed = importlib.metadata.packages_distributions()
+    shadows = [f"{folder}/ shadows {installed[folder]}" for folder in MAPPED_FOLDERS
+               if (ROOT / folder / "__init__.py").exists() and folder in installed]
+    assert not shadows, shadows
+
+
+def test_transformers_imports_with_the_repo_root_on_sys_path():
+    code = "import transformers; from transformers import AttentionInterface, PreTrainedModel"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

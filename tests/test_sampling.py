@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from adaspec import kernels
+from adaspec.kernels import dispatch
 from adaspec.core.drafters.none import NoneDrafter
 from adaspec.core.drafters.prompt_lookup import PromptLookupDrafter
 from adaspec.core.engine.engine import RequestSpec, SpecEngine
@@ -82,7 +82,7 @@ def test_goodness_of_fit_detects_a_biased_verifier(tiny, monkeypatch):
         nxt = probs[torch.arange(len(lens)), acc].argmax(-1)
         return acc, nxt, acc + 1
 
-    monkeypatch.setattr(kernels, "rejection_verify", accept_all)
+    monkeypatch.setattr(dispatch, "rejection_verify", accept_all)
     p1, _ = exact_first_two(tiny, PROMPT, T, TOP_P)
     q = torch.full((tiny.vocab_size,), 0.2)
     q[p1.topk(5).indices] = 3.0

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from adaspec import kernels
+from adaspec.kernels import dispatch
 from adaspec.core.step import FixedPolicy
 from adaspec.core.errors import ConfigError
 from adaspec.core.engine.sampling import SamplingParams
@@ -633,7 +633,7 @@ def test_the_base_carries_the_servers_draft_vocabulary_so_the_gate_scores_what_t
     # The same held-out samples, scored as served: a restricted head never matches a target outside its ids.
     feats, targets = _batch(seed=4)
     restricted, unrestricted = base.build(), full.build()
-    ids_drafted = kernels.draft_topk(restricted.step(feats.hidden, feats.tokens), restricted.draft_lm_head, 1)[0][:, 0]
+    ids_drafted = dispatch.draft_topk(restricted.step(feats.hidden, feats.tokens), restricted.draft_lm_head, 1)[0][:, 0]
     assert bool((restricted.draft_ids[ids_drafted] < 40).all())
     outside = targets.clone()
     outside[:, 0] = unrestricted.step(feats.hidden, feats.tokens).float().matmul(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor
 
-from adaspec import kernels
+from adaspec.kernels import dispatch
 from adaspec.core.drafters.base import Draft, DraftRequest, DrafterBase, Observation
 from adaspec.core.heads.eagle3 import Eagle3Head
 
@@ -167,7 +167,7 @@ class Eagle3Drafter(DrafterBase):
         fused = head.fuse(aux)  # [B, C, d]
         pre, k, v = head.extend(tokens, fused, positions, past_k, past_v, past_valid, valid)
         last = torch.stack([pre[i, st.backlog_len - 1] for i, st in enumerate(states)])  # [B, d]
-        ids, probs = kernels.draft_topk(head.logits_hidden(last), head.lm_head_weight, 1)
+        ids, probs = dispatch.draft_topk(head.logits_hidden(last), head.lm_head_weight, 1)
         ids = head.to_target_ids(ids[:, 0]).tolist()
         for i, st in enumerate(states):
             n = st.backlog_len
@@ -211,7 +211,7 @@ class Eagle3Drafter(DrafterBase):
             p = torch.tensor([st.length - 1 for st in states], device=dev).unsqueeze(1)  # [B, 1]
             q, _, _ = adapter.qkv(head.embed(t), h, p)
             g = adapter.finish(masked_attention(q, past_k, past_v, past_valid.unsqueeze(1)), h)  # [B, 1, d]
-            ids, probs = kernels.draft_topk(head.logits_hidden(g[:, 0]), head.lm_head_weight, 1)
+            ids, probs = dispatch.draft_topk(head.logits_hidden(g[:, 0]), head.lm_head_weight, 1)
             first = head.to_target_ids(ids[:, 0]).tolist()
             toks = [[int(x)] for x in first]
             confs = [[float(x)] for x in probs[:, 0].tolist()]
@@ -223,7 +223,7 @@ class Eagle3Drafter(DrafterBase):
                 pre, k, v = head.extend(tok, g, pos, past_k, past_v, past_valid, one, layer=adapter)
                 past_k, past_v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
                 past_valid = torch.cat([past_valid, one], 1)
-                ids, probs = kernels.draft_topk(head.logits_hidden(pre[:, 0]), head.lm_head_weight, 1)
+                ids, probs = dispatch.draft_topk(head.logits_hidden(pre[:, 0]), head.lm_head_weight, 1)
                 tok = head.to_target_ids(ids)
                 g, pos = pre, pos + 1
                 for j, (t, p) in enumerate(zip(tok[:, 0].tolist(), probs[:, 0].tolist())):

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from adaspec import kernels
+from adaspec.kernels import dispatch
 from adaspec.core.drafters.base import Draft, Drafter, DraftRequest, Observation
 from adaspec.core.engine import ragged
 from adaspec.core.engine.kv import BatchKV
@@ -327,7 +327,7 @@ class SpecEngine:
             draft_pad[i, : len(d.tokens)] = torch.tensor(d.tokens, dtype=torch.long)
         draft_pad, dlen_dev = draft_pad.to(device), fwd.dlen.to(device)
         if all(st.params.greedy for st in states):
-            accepted, next_tok, _ = kernels.greedy_verify(draft_pad, dlen_dev, fwd.logits.argmax(dim=-1))
+            accepted, next_tok, _ = dispatch.greedy_verify(draft_pad, dlen_dev, fwd.logits.argmax(dim=-1))
         else:
             probs = self._target_probs(states, fwd.logits)  # [B, K+1, V]
             q = self._draft_q(drafts, K, probs.shape[-1], device)
@@ -339,7 +339,7 @@ class SpecEngine:
                 draws = torch.rand(int(fwd.dlen[i]) + 1, generator=st.generator)
                 u[i, : int(fwd.dlen[i])] = draws[:-1]
                 ru[i] = draws[-1]
-            accepted, next_tok, _ = kernels.rejection_verify(
+            accepted, next_tok, _ = dispatch.rejection_verify(
                 draft_pad, dlen_dev, probs, q, u.to(device), ru.to(device)
             )
         accepted_l = accepted.cpu().tolist()

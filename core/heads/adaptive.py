@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from torch import Tensor, nn
 
-from adaspec import kernels
+from adaspec.kernels import dispatch
 from adaspec.core import fsio
 from adaspec.core.heads.eagle3 import RMSNorm
 
@@ -175,7 +175,7 @@ class AdaptiveHead(nn.Module):
         h, tok = hidden, tokens
         for _ in range(k):
             h = self.step(h, tok)
-            i, p = kernels.draft_topk(h, self.draft_lm_head, 1)
+            i, p = dispatch.draft_topk(h, self.draft_lm_head, 1)
             tok = i[:, 0] if self.draft_ids is None else self.draft_ids[i[:, 0]]
             ids.append(tok)
             probs.append(p[:, 0])
@@ -271,7 +271,7 @@ class AdaptiveHead(nn.Module):
         if not bool(keep.any()):
             return 0.0
         g = self.step(features.hidden.to(self.up.weight.device), features.tokens.to(self.up.weight.device))
-        pred = kernels.draft_topk(g, self.lm_head_weight, 1)[0][:, 0].cpu()
+        pred = dispatch.draft_topk(g, self.lm_head_weight, 1)[0][:, 0].cpu()
         return float((pred == tgt)[keep].float().mean())
 
     def reset_optimizer(self) -> None:

@@ -9,26 +9,25 @@ import sys
 import pytest
 import torch
 
-import adaspec.kernels as K
 from adaspec.kernels import backend, dispatch, flashinfer_verify
-from adaspec.kernels.reference import rejection_verify_reference
+from adaspec.kernels.reference import draft_topk_reference, greedy_verify_reference, rejection_verify_reference
 
 
 def test_importing_the_package_does_not_import_triton():
-    code = "import sys, adaspec.kernels as k; k.draft_topk; assert 'triton' not in sys.modules, 'triton imported'"
+    code = "import sys, adaspec.kernels.dispatch as k; k.draft_topk; assert 'triton' not in sys.modules, 'triton imported'"
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
 def test_kernel_mode_parsing(monkeypatch):
     monkeypatch.delenv("ADASPEC_KERNELS", raising=False)
-    assert K.kernel_mode() == "auto"
+    assert backend.kernel_mode() == "auto"
     for raw, want in (("torch", "torch"), (" Triton ", "triton"), ("AUTO", "auto"), ("", "auto")):
         monkeypatch.setenv("ADASPEC_KERNELS", raw)
-        assert K.kernel_mode() == want
+        assert backend.kernel_mode() == want
     monkeypatch.setenv("ADASPEC_KERNELS", "cuda")
     with pytest.raises(ValueError):
-        K.kernel_mode()
+        backend.kernel_mode()
 
 
 @pytest.fixture
@@ -65,12 +64,12 @@ def _inputs():
 def test_dispatch_routes_cpu_tensors(triton_kernels, spy, monkeypatch, mode, expect_triton):
     monkeypatch.setenv("ADASPEC_KERNELS", mode)
     hidden, weight, draft, lens, target = _inputs()
-    ids, probs = K.draft_topk(hidden, weight, 3, 0.9)
-    ref_ids, ref_probs = K.draft_topk_reference(hidden, weight, 3, 0.9)
+    ids, probs = dispatch.draft_topk(hidden, weight, 3, 0.9)
+    ref_ids, ref_probs = draft_topk_reference(hidden, weight, 3, 0.9)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(probs, ref_probs, rtol=1e-4, atol=1e-9)
-    got = K.greedy_verify(draft, lens, target)
-    assert all(torch.equal(a, b) for a, b in zip(got, K.greedy_verify_reference(draft, lens, target)))
+    got = dispatch.greedy_verify(draft, lens, target)
+    assert all(torch.equal(a, b) for a, b in zip(got, greedy_verify_reference(draft, lens, target)))
     assert spy == {"draft": expect_triton, "verify": expect_triton}
 
 
@@ -79,20 +78,20 @@ def test_forced_triton_fails_loudly_without_interpreter_or_triton(monkeypatch):
     hidden, weight, *_ = _inputs()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        K.draft_topk(hidden, weight, 2)
+        dispatch.draft_topk(hidden, weight, 2)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(backend, "triton_available", lambda: False)
     with pytest.raises(ImportError, match="pip install triton"):
-        K.draft_topk(hidden, weight, 2)
+        dispatch.draft_topk(hidden, weight, 2)
     monkeypatch.setenv("ADASPEC_KERNELS", "auto")
-    assert K.draft_topk(hidden, weight, 2)[0].shape == (3, 2)  # auto never needs triton
+    assert dispatch.draft_topk(hidden, weight, 2)[0].shape == (3, 2)  # auto never needs triton
 
 
 def test_forced_triton_rejects_k_beyond_kernel(triton_kernels, monkeypatch):
     hidden, weight, *_ = _inputs()
     monkeypatch.setenv("ADASPEC_KERNELS", "triton")
     with pytest.raises(ValueError):
-        K.draft_topk(hidden, weight, dispatch._TRITON_MAX_K + 1)
+        dispatch.draft_topk(hidden, weight, dispatch._TRITON_MAX_K + 1)
     assert dispatch._TRITON_MAX_K == triton_kernels[0].MAX_K
 
 
@@ -111,7 +110,7 @@ def test_rejection_verify_on_cpu_is_the_reference(monkeypatch, mode):
     args = _rejection_inputs(lens=torch.tensor([0, 1, 2, 3, 3, 1]))
     for q in (args[3], None):
         a = (*args[:3], q, *args[4:])
-        got = K.rejection_verify(*a)
+        got = dispatch.rejection_verify(*a)
         assert all(torch.equal(x, y) for x, y in zip(got, rejection_verify_reference(*a)))
         assert all(torch.equal(x, y) for x, y in zip(flashinfer_verify.rejection_verify_flashinfer(*a, allow_own_rng=True), got))
 
