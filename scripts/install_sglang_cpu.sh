@@ -3,7 +3,7 @@
 #   .venv/sglang-cpu     <- requirements/sglang-cpu.txt    (SGLang 0.5.17 + what its control-plane modules import)
 #   .venv/compose-check  <- requirements/compose-check.txt (compose.yaml schema validation)
 # They are put on PYTHONPATH only by the subprocesses the tests start, never in the venv itself (SGLang pins
-# transformers 5.12.1; adaspec runs 5.23). Idempotent: an overlay whose stamp matches its list is kept.
+# transformers 5.12.1; adaspec runs the newest 5.x). Idempotent: an overlay whose stamp matches its list is kept.
 # SKIP_SGLANG=1 skips both (those tests then skip, saying why). Prints how long an install took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
