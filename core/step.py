@@ -108,9 +108,10 @@ class PolicyBase:
     def set_available(self, drafter: str, available: bool) -> None:
         """Allow or forbid a drafter from outside (the online-learned one while its sidecar is silent)."""
 
-    def set_padded_verify(self, padded: bool) -> None:
-        """The engine says how it verifies: right-padded chunks (a step costs batch x its widest chain, the
-        reference engine) or ragged (tokens summed, SGLang). Called when a batch starts."""
+    def set_padded_verify(self, padded: bool, multiple: int = 1) -> None:
+        """The engine says how it verifies: right-padded chunks (a step costs batch x its widest chain) or
+        ragged (tokens summed), a packed ragged forward filled up to a multiple of `multiple` tokens (the
+        reference engine on this CPU's GEMM kernels; 1 for SGLang). Called when a batch starts."""
 
 
 class FixedPolicy(PolicyBase):
@@ -184,6 +185,21 @@ def propose_chains(
             profile.add(f"draft:{name}", t1 - t0)
             profile.add("trim", time.perf_counter() - t1)
     return drafts
+
+
+def forward_tokens(chunk_lens: Sequence[int], padded: bool, multiple: int = 1, spec: bool = False) -> int:
+    """Tokens one verify forward computes over chunks of these lengths: padded, batch x the widest chunk;
+    ragged, their sum, filled up to a multiple of `multiple` when the forward runs packed (it verifies a
+    draft, `spec`, or the chunks differ in length) -- what `SpecEngine._forward` does."""
+    if not chunk_lens:
+        return 0
+    widest = max(chunk_lens)
+    if padded:
+        return len(chunk_lens) * widest
+    tokens = sum(chunk_lens)
+    if multiple > 1 and (spec or tokens < len(chunk_lens) * widest):
+        tokens = -(-tokens // multiple) * multiple
+    return tokens
 
 
 def accepted_prefix(draft: Sequence[int], output: Sequence[int], n: int) -> int:

@@ -557,6 +557,26 @@ def test_a_batched_head_drafts_only_when_its_rows_pay_for_its_positions():
     assert ks(0.001, 1)[0] >= 3
 
 
+@pytest.mark.parametrize("verify_token_s,acceptance", [(0.01, 0.5), (0.02, 0.6), (0.01, 0.8)])
+def test_a_packed_step_spends_its_round_up_on_draft_tokens(verify_token_s, acceptance):
+    """The reference engine fills a packed forward up to a multiple of 4 tokens, so up to that round-up a
+    draft token costs no verification: the plan adds the likeliest ones (and never shortens a chain); an
+    engine without a multiple (SGLang) gets the per-token plan."""
+    def ks(multiple: int) -> list[int]:
+        costs = CostModel(verify_fixed_s=0.1, verify_token_s=verify_token_s, draft_costs={"suffix": 0.0},
+                          frozen=True)
+        pol = AtlasPolicy(["suffix"], ControllerSettings(guarded=(), explore_every=0, prior_acceptance=acceptance),
+                          costs=costs)
+        pol.set_padded_verify(False, multiple)
+        return [p.k for p in pol.plan([state(f"r{i}") for i in range(3)])]
+
+    per_token, filled = ks(1), ks(4)
+    assert sum(per_token) and (3 + sum(per_token)) % 4  # the per-token plan leaves a round-up unused
+    assert (3 + sum(filled)) % 4 == 0 and all(f >= p for f, p in zip(filled, per_token))
+    cm = CostModel(verify_token_s=0.01, draft_token_s=0.0, multiple=4)  # 3 pending + drafts, rounded up to 4
+    assert cm.expected_step_time([1, 1, 1]) == cm.expected_step_time([2, 2, 1]) < cm.expected_step_time([2, 2, 2])
+
+
 def test_peeking_in_the_engine_is_lossless_and_asks_the_cheap_drafter_once_per_step(tiny_target):
     from adaspec.core.drafters.prompt_lookup import PromptLookupDrafter
     from adaspec.core.engine.engine import SpecEngine

@@ -10,7 +10,7 @@ import torch
 from adaspec.core.engine import ragged
 from adaspec.core.engine.engine import SpecEngine
 from adaspec.core.engine.sampling import SamplingParams
-from adaspec.core.step import FixedPolicy
+from adaspec.core.step import FixedPolicy, forward_tokens
 from drafters_for_tests import NoisyOracleDrafter, RecordingDrafter, SampledQDrafter
 from test_engine_mechanics import VOCAB, hf_greedy, random_prompts
 from tiny_models import make_tiny_target
@@ -53,6 +53,7 @@ def test_the_packed_row_is_filled_to_a_multiple_in_padding_slots(lens):
     chunk = ragged.RaggedChunk.build(lens_t, torch.ones(len(lens), 3, dtype=torch.bool), cache=None)
     T = sum(lens)
     assert chunk.real == T and (T + chunk.fillers) % ragged.PACK_MULTIPLE == 0 and chunk.fillers < 4
+    assert forward_tokens(lens, False, ragged.PACK_MULTIPLE, spec=True) == T + chunk.fillers  # what costs count
     expect = [(i, j) for i, n in enumerate(lens) for j in range(n)]
     assert list(zip(chunk.rows[:T].tolist(), chunk.offs[:T].tolist())) == expect
     fill = list(zip(chunk.rows[T:].tolist(), chunk.offs[T:].tolist()))

@@ -1,7 +1,8 @@
 """Cost model: how long a step takes for a given batch of chains, learned online from StepRecords.
 
 Verify: one target forward over the whole chunk, t = a + b * tokens + c * batch + s * [any draft] (tokens =
-pending + drafted tokens over the batch, or batch x the widest chunk where the engine pads; s = what a
+pending + drafted tokens over the batch, filled up to the engine's packing multiple, or batch x the widest
+chunk where the engine pads: `step.forward_tokens`; s = what a
 forward that verifies anything costs over a plain decode step on top of its tokens: measured on this CPU at
 ~13 ms on a ~47 ms step, from the matmuls' shapes at more than one row per request). Fit by recursive least squares with forgetting, regularised toward the start-up
 values (which count as `prior_weight` observations), in scaled units so the prior means the same thing on a
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from adaspec.core.step import StepRecord
+from adaspec.core.step import StepRecord, forward_tokens
+
 _TOK_SCALE = 100.0  # feature scaling: tokens / 100, batch / 10
 _BATCH_SCALE = 10.0
 _MIN_B = 1e-12  # a verified token never costs exactly nothing (keeps the planner's ratios finite)
@@ -47,6 +49,7 @@ class CostModel:
         frozen: bool = False,
         draft_step_costs: Mapping[str, float] | None = None,
         padded: bool = False,
+        multiple: int = 1,
     ) -> None:
         #: Seconds a step costs beyond the forward and drafting (planning, observe, logging), an EMA of the
         #: engines' `overhead_s`; the planner adds it to every step's time, so it prices tokens per real second.
@@ -75,6 +78,9 @@ class CostModel:
         #: The verify forward runs right-padded chunks (the reference engine says so: `set_padded_verify`):
         #: a step's tokens are batch x its widest chunk, so a row's longer chain costs every row.
         self.padded = padded
+        #: A ragged forward that runs packed is filled up to this many tokens (`step.forward_tokens`): the
+        #: fit sees what the forward computed, and the planner may fill that round-up with real draft tokens.
+        self.multiple = multiple
         self.steps_seen = 0
         #: Recent plain and speculative forwards (decayed like the fit): `s` is only identifiable from both.
         self._n_plain = self._n_spec = 0.0
@@ -153,11 +159,8 @@ class CostModel:
         prompt at prefill); an int applies to every request.
         """
         n = len(ks)
-        if self.padded:
-            pend = [pending] * n if isinstance(pending, int) else list(pending)
-            tokens = float(n * max((k + p for k, p in zip(ks, pend)), default=0))
-        else:
-            tokens = float(sum(ks)) + (pending * n if isinstance(pending, int) else float(sum(pending)))
+        pend = [pending] * n if isinstance(pending, int) else list(pending)
+        tokens = float(forward_tokens([k + p for k, p in zip(ks, pend)], self.padded, self.multiple, any(ks)))
         draft = 0.0
         if drafters is None:
             draft = self.default_draft * sum(ks)
@@ -192,13 +195,9 @@ class CostModel:
         if r0.prefill and not self.fit_prefill:
             pass
         else:
-            tokens = 0
-            if self.padded:
-                tokens = len(recs) * max(r.chunk_tokens for r in recs)
-            else:
-                for r in recs:
-                    tokens += r.chunk_tokens
-            self.observe_verify(tokens, r0.batch_size, r0.verify_s, any(r.drafted for r in recs))
+            spec = any(r.drafted for r in recs)
+            tokens = forward_tokens([r.chunk_tokens for r in recs], self.padded, self.multiple, spec)
+            self.observe_verify(tokens, r0.batch_size, r0.verify_s, spec)
             if self.padded and not r0.prefill:
                 key = (r0.batch_size, max(r.chunk_tokens for r in recs))
                 cell = self._width_t.setdefault(key, [r0.verify_s, 0.0])

@@ -217,9 +217,11 @@ class AtlasPolicy(PolicyBase):
                 self.explore_period[d] = self.settings.explore_every  # back: probe it as a new drafter
             self.available[d] = bool(available)
 
-    def set_padded_verify(self, padded: bool) -> None:
-        """The engine verifies right-padded chunks: plan the batch's width (every row pays the widest chain)."""
+    def set_padded_verify(self, padded: bool, multiple: int = 1) -> None:
+        """Padded: plan the batch's width (every row pays the widest chain). Ragged with a packing multiple:
+        fill a speculative step's round-up with draft tokens (`_fill_to_multiple`)."""
         self.costs.padded = bool(padded)
+        self.costs.multiple = max(1, int(multiple))
 
     def _update_trust(self) -> None:
         """trusted = available and, for a guarded drafter, past its evidence and keeping up with the fallback."""
@@ -402,6 +404,9 @@ class AtlasPolicy(PolicyBase):
             self._drop_unpaid_batched(B, choice_d, choice_k, curves, lam)
             self._fill_batched(B, rows, choice_d, choice_k, curves, lam)
 
+        if cm.multiple > 1 and decode and pairs and not cm.padded and any(choice_k[:B]):
+            self._fill_to_multiple(B, rows, cand, choice_d, choice_k, curves, lam)
+
         if s.explore_every and not capped:  # the hard cap means no drafting at all, exploration included
             self._explore(step, B, rows, choice_d, choice_k, shadow=decode and not any(choice_k[:B]))
         plans = self._plans
@@ -548,6 +553,60 @@ class AtlasPolicy(PolicyBase):
             while k < kc and k < len(curve) and curve[k] > t:
                 k += 1
             choice_k[i] = k
+
+    def _curve(self, r: _Req, d: int, stale: int) -> list[float]:
+        """The survival curve the planner uses for row r and drafter d: this step's peek, else the request's
+        own (while fresh), else its tenant's, else the global one."""
+        if r.peek_step == self.step and r.peek is not None and r.peek[d] is not None:
+            return r.peek[d]
+        if r.seen[d] >= stale and r.cum[d] is not None:
+            return r.cum[d]
+        return r.tenant.cum[d] or self.glob[d]
+
+    def _fill_to_multiple(self, B: int, rows: list[_Req], cand: list[int], choice_d: list[int],
+                          choice_k: list[int], curves: list, lam: float) -> None:
+        """A packed speculative forward computes its tokens rounded up to the engine's multiple anyway (fillers),
+        so up to that round-up a further draft token costs no verification, only its drafting: spend the
+        round-up on the tokens most likely to survive -- a row's next chain position, or a first token for a
+        row that drafts nothing -- while a token's survival beats its draft cost at the batch's goodput. A
+        batched drafter is extended only within the chain depth it runs anyway."""
+        cm = self.costs
+        tokens = B + sum(choice_k[:B])  # decode: one pending token per row
+        room = -tokens % cm.multiple
+        if not room:
+            return
+        stale = self.step - self.settings.request_stale_steps
+        depth: dict[int, int] = {}
+        for i in range(B):
+            if choice_d[i] >= 0 and choice_k[i] > depth.get(choice_d[i], 0):
+                depth[choice_d[i]] = choice_k[i]
+
+        def best_next(i: int) -> tuple[float, int, list[float] | None]:
+            """(gain, drafter, curve) of row i's best next token; gain <= 0 when none pays."""
+            k, kc = choice_k[i], rows[i].kcap
+            if k >= kc:
+                return 0.0, -1, None
+            options = [choice_d[i]] if choice_d[i] >= 0 and k else cand
+            best = (0.0, -1, None)
+            for d in options:
+                name = self.names[d]
+                if cm.draft_step_cost(name) > 0.0 and k >= depth.get(d, 0):
+                    continue  # a chain position the batched drafter would not run otherwise
+                curve = curves[i] if choice_d[i] == d and curves[i] is not None else self._curve(rows[i], d, stale)
+                if k < len(curve):
+                    g = curve[k] - lam * cm.draft_cost(name)
+                    if g > best[0]:
+                        best = (g, d, curve)
+            return best
+
+        nxt = [best_next(i) for i in range(B)]
+        for _ in range(room):
+            i = max(range(B), key=lambda j: nxt[j][0])
+            g, d, curve = nxt[i]
+            if g <= 0.0:
+                return
+            choice_d[i], choice_k[i], curves[i] = d, choice_k[i] + 1, curve
+            nxt[i] = best_next(i)
 
     def _could_pay(self, d: int, batch: int) -> bool:
         """Whether a token of drafter d could pay if it were always accepted: the batch's time per emitted token

@@ -77,7 +77,7 @@ def run_drift(args: DriftArgs, settings: Settings, target: Target, controller: C
     record_s = time.perf_counter() - t0
     costs = resolve_costs(args.costs)
     if costs is None:
-        cpath = settings.cache_dir / "drift" / f"costs-v5-{store.fingerprint}-{torch.get_num_threads()}t.json"
+        cpath = settings.cache_dir / "drift" / f"costs-v6-{store.fingerprint}-{torch.get_num_threads()}t.json"
         costs = load_or_measure(cpath, target, probe, prompts[:8], args.remeasure_costs)
     if args.live:  # the first run would otherwise pay the process's warm-up (allocator, caches) alone
         SpecEngine(target, {}, batch_size=args.batch_size).generate(

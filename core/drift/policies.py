@@ -59,8 +59,8 @@ class TimedPolicy(PolicyBase):
     def set_available(self, drafter: str, available: bool) -> None:
         self.inner.set_available(drafter, available)
 
-    def set_padded_verify(self, padded: bool) -> None:
-        self.inner.set_padded_verify(padded)
+    def set_padded_verify(self, padded: bool, multiple: int = 1) -> None:
+        self.inner.set_padded_verify(padded, multiple)
 
     @property
     def us_per_request_step(self) -> float:

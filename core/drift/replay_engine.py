@@ -18,10 +18,11 @@ import torch
 
 from adaspec.core.drafters.base import Draft, Drafter
 from adaspec.core.drift.traces import Trace
+from adaspec.core.engine import ragged
 from adaspec.core.engine.engine import Forward, RequestState, SpecEngine, Verdict
 from adaspec.core.engine.sampling import SamplingParams
 from adaspec.core.errors import RequestError
-from adaspec.core.step import PolicyBase, accepted_prefix
+from adaspec.core.step import PolicyBase, accepted_prefix, forward_tokens
 
 
 class _NoKV:
@@ -50,11 +51,15 @@ class TraceEngine(SpecEngine):
         verify_time: Callable[[int, int, bool], float],  # (tokens, batch, any draft) -> seconds
         batch_size: int = 4,
         padded_verify: bool = True,
+        verify_multiple: int | None = None,
     ) -> None:
         super().__init__(target, drafters, batch_size=batch_size, ragged_verify=False)
         self.verify_time = verify_time
-        #: Model the reference engine's padded verify (measured costs) or a ragged one (a GPU profile, SGLang).
+        #: Model the reference engine's padded verify or a ragged one (measured costs, a GPU profile, SGLang),
+        #: a packed forward filled up to `verify_multiple` tokens (default: the reference engine's when ragged).
         self.padded_verify = padded_verify
+        self.verify_multiple = (verify_multiple if verify_multiple is not None
+                                else 1 if padded_verify else ragged.PACK_MULTIPLE)
         self.traces: dict[str, Trace] = {}
 
     def generate(self, requests, params: SamplingParams, policy: PolicyBase):
@@ -81,8 +86,9 @@ class TraceEngine(SpecEngine):
     def _verify(self, states: Sequence[RequestState], drafts: Sequence[Draft], fwd: Forward,  # type: ignore[override]
                 kv) -> Verdict:
         """Accepted = the draft's prefix matching the recorded output; kept hidden rows from the trace."""
-        tokens = len(states) * fwd.width if self.padded_verify else sum(len(c) for c in fwd.chunks)
-        verify_s = self.verify_time(tokens, len(states), bool(int(fwd.dlen.max()) > 0))
+        spec = bool(int(fwd.dlen.max()) > 0)
+        tokens = forward_tokens([len(c) for c in fwd.chunks], self.padded_verify, self.verify_multiple, spec)
+        verify_s = self.verify_time(tokens, len(states), spec)
         accepted, next_tokens, kept, hidden = [], [], [], []
         for i, st in enumerate(states):
             trace = self.traces.get(st.request_id)

@@ -131,7 +131,7 @@ class PolicyRunner:
             engine: SpecEngine = SpecEngine(target, drafters, batch_size=batch_size, ragged_verify=not costs.padded)
         else:
             engine = TraceEngine(target, drafters, costs.verify_time, batch_size=batch_size,
-                                 padded_verify=costs.padded)
+                                 padded_verify=costs.padded, verify_multiple=costs.multiple)
         specs = [RequestSpec(list(p), f"r{req.index}", TENANT) for req, p in zip(stream, prompts)]
         trace_by_id = {sp.request_id: tr for sp, tr in zip(specs, traces or ())}
         if (not live or entry.needs_oracle) and len(trace_by_id) != len(specs):

@@ -21,14 +21,15 @@ from adaspec.core import fsio
 from adaspec.core.controller.costs import CostModel
 from adaspec.core.drafters.base import Drafter, DrafterBase
 from adaspec.core.engine.engine import RequestSpec, SpecEngine
-from adaspec.core.step import FixedPolicy, StepRecord
+from adaspec.core.step import FixedPolicy, StepRecord, forward_tokens
 from adaspec.core.engine.sampling import SamplingParams
 
 
 @dataclass
 class StepCosts:
     """t_step = a + b * tokens + c * batch + sum_i drafted_i * draft[drafter_i]
-    + sum_d draft_step[d] * (longest chain asked of batched drafter d in the step)   (seconds)."""
+    + sum_d draft_step[d] * (longest chain asked of batched drafter d in the step)   (seconds),
+    tokens = what the forward computes (`step.forward_tokens`: padded, or filled up to `multiple`)."""
 
     a: float
     b: float
@@ -43,6 +44,9 @@ class StepCosts:
     padded: bool = False
     #: What a forward that verifies any draft costs on top of its tokens (matmul shapes past one row per request).
     spec: float = 0.0
+    #: Ragged, a packed forward is filled up to a multiple of this many tokens (`step.forward_tokens`); the
+    #: fit's `tokens` are those it computed, fillers included.
+    multiple: int = 1
 
     def verify_time(self, tokens: int, batch: int, spec: bool = False) -> float:
         return self.a + self.b * tokens + self.c * batch + (self.spec if spec else 0.0)
@@ -58,11 +62,16 @@ class StepCosts:
                 + max(rec.drafted, rec.proposed) * self.draft_cost(rec.drafter))
 
     def step_shares(self, records: Sequence[StepRecord]) -> list[float]:
-        """Each request's share of one step's modeled time: `record_time`, plus each batched drafter's steps
-        (as deep as the longest chain asked of it) split evenly among the requests that used it."""
+        """Each request's share of one step's modeled time: `record_time`, plus the forward's fillers split
+        evenly, plus each batched drafter's steps (as deep as the longest chain asked of it) split evenly among
+        the requests that used it."""
         width = max((r.chunk_tokens for r in records), default=0)
         spec = any(r.drafted for r in records)
         shares = [self.record_time(r, width, spec) for r in records]
+        if not self.padded and records:
+            lens = [r.chunk_tokens for r in records]
+            fill = self.b * (forward_tokens(lens, False, self.multiple, spec) - sum(lens)) / len(records)
+            shares = [t + fill for t in shares]
         if self.draft_step:
             users: dict[str, list[int]] = {}
             for i, r in enumerate(records):
@@ -79,7 +88,7 @@ class StepCosts:
         it is deterministic) or learning online from the steps it times (a live run on a shared machine)."""
         return CostModel(verify_fixed_s=self.a, verify_token_s=self.b, verify_request_s=self.c,
                          verify_spec_s=self.spec, draft_costs=self.draft, frozen=frozen,
-                         draft_step_costs=self.draft_step, padded=self.padded)
+                         draft_step_costs=self.draft_step, padded=self.padded, multiple=self.multiple)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +97,7 @@ class StepCosts:
     def from_json(cls, d: Mapping[str, Any]) -> "StepCosts":
         return cls(float(d["a"]), float(d["b"]), float(d["c"]), {k: float(v) for k, v in d.get("draft", {}).items()},
                    str(d.get("source", "file")), {k: float(v) for k, v in d.get("draft_step", {}).items()},
-                   bool(d.get("padded", False)), float(d.get("spec", 0.0)))
+                   bool(d.get("padded", False)), float(d.get("spec", 0.0)), int(d.get("multiple", 1)))
 
 
 class _TimedDrafter(DrafterBase):
@@ -166,13 +175,12 @@ def measure_costs(
 
     def verify_samples(records: Sequence[StepRecord]) -> None:
         for recs in _by_step(r for r in records if not r.prefill):
-            # padded, a forward runs batch x its widest chunk; ragged, its tokens
-            tokens = (len(recs) * max(r.chunk_tokens for r in recs) if padded
-                      else sum(r.chunk_tokens for r in recs))
-            samples.append((tokens, recs[0].batch_size, any(r.drafted for r in recs), recs[0].verify_s))
+            spec = any(r.drafted for r in recs)
+            tokens = forward_tokens([r.chunk_tokens for r in recs], padded, multiple, spec)
+            samples.append((tokens, recs[0].batch_size, spec, recs[0].verify_s))
 
     warm = SpecEngine(target, {}, batch_size=2)
-    padded = warm.padded_verify  # every engine below verifies as this one does
+    padded, multiple = warm.padded_verify, warm.verify_multiple  # every engine below verifies as this one does
     warm.generate([RequestSpec(list(prompts[0]), "warm")], SamplingParams(max_new_tokens=4), FixedPolicy(None, 0))
     for bs in (1, 4):
         eng = SpecEngine(target, {}, batch_size=bs)
@@ -209,7 +217,8 @@ def measure_costs(
         else:
             draft_step[name], draft[name] = fit[0], fit[1] + per_token_observe
     a, b, c, spec = _fit_verify(samples)
-    return StepCosts(a, b, c, draft, "measured", draft_step=draft_step, padded=padded, spec=spec)
+    return StepCosts(a, b, c, draft, "measured", draft_step=draft_step, padded=padded, spec=spec,
+                     multiple=multiple)
 
 
 #: Named cost profiles for regimes this machine cannot measure. `gpu-small-model` is an *assumption*, not a
@@ -251,8 +260,8 @@ def load_or_measure(
     """Costs cached per machine setup in `path` (JSON); measured when missing, or when asked to."""
     if path.is_file() and not remeasure:
         costs = StepCosts.from_json(json.loads(path.read_text()))
-        padded = not SpecEngine(target, {}).ragged_verify  # a cache from the other verify mode is stale
-        if costs.padded == padded and all(n in costs.draft or n in costs.draft_step for n in drafters if n != "none"):
+        probe = SpecEngine(target, {})  # a cache from another verify mode is stale
+        if (costs.padded, costs.multiple) == (probe.padded_verify, probe.verify_multiple) and all(n in costs.draft or n in costs.draft_step for n in drafters if n != "none"):
             return costs
     costs = measure_costs(target, drafters, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,8 @@ class SpecEngine:
         #: attention allows it; otherwise right-padded (a step costs batch x its widest chunk).
         self.ragged_verify = bool(ragged_verify) and ragged.enable(target.model)
         self.padded_verify = not self.ragged_verify
+        #: A packed forward is filled up to this many tokens (`step.forward_tokens` counts what it computes).
+        self.verify_multiple = ragged.PACK_MULTIPLE if self.ragged_verify else 1
         self.batch_size = batch_size
         self.compact_holes_ratio = compact_holes_ratio
         self.step_count = 0
@@ -493,7 +495,7 @@ class Session:
 
     def __init__(self, engine: SpecEngine, policy: PolicyBase) -> None:
         self.engine, self.policy = engine, policy
-        policy.set_padded_verify(engine.padded_verify)
+        policy.set_padded_verify(engine.padded_verify, engine.verify_multiple)
         self.queue: list[RequestState] = []
         self.running: list[RequestState] = []
         self.kv = engine._new_kv()
