@@ -557,6 +557,33 @@ def test_a_batched_head_drafts_only_when_its_rows_pay_for_its_positions():
     assert ks(0.001, 1)[0] >= 3
 
 
+def test_a_batched_heads_per_row_catch_up_is_learned_and_priced():
+    """A head's propose first extends its cache over what the row committed since the head last drafted for
+    it: the cost model learns that per-row overhead from the steps' drafting time beyond the chain, and a
+    plan that paid while it was free no longer drafts with the head."""
+    def learned(per_row_s: float) -> CostModel:
+        costs = CostModel(verify_fixed_s=0.1, verify_token_s=0.002, draft_costs={"static": 0.001},
+                          draft_step_costs={"static": 0.002})
+        chain = 0.002 * 3 + 0.001 * 6  # 3 positions, 2 rows x 3 tokens
+        for step in range(300):
+            costs.observe([record(step, f"r{i}", "static", 3, 1, [0.6] * 3, batch=4, verify_s=0.11,
+                                  draft_s=chain + 2 * per_row_s) for i in range(2)]
+                          + [record(step, f"r{i}", None, 0, 0, [], batch=4, verify_s=0.11) for i in (2, 3)])
+        return costs
+
+    def ks(costs: CostModel) -> list[int]:
+        pol = AtlasPolicy(["static"], ControllerSettings(guarded=(), explore_every=0, prior_acceptance=0.6),
+                          costs=costs)
+        return [p.k for p in pol.plan([state(f"r{i}") for i in range(4)])]
+
+    free, dear = learned(0.0), learned(0.03)
+    assert free.row_overhead("static") == pytest.approx(0.0, abs=1e-6)
+    assert dear.row_overhead("static") == pytest.approx(0.03, rel=0.02)
+    assert sum(ks(free)) > 0 and sum(ks(dear)) == 0
+    assert dear.expected_step_time([3, 0], ["static", None]) == pytest.approx(
+        free.expected_step_time([3, 0], ["static", None]) + 0.03, rel=1e-6)
+
+
 @pytest.mark.parametrize("verify_token_s,acceptance", [(0.01, 0.5), (0.02, 0.6), (0.01, 0.8)])
 def test_a_packed_step_spends_its_round_up_on_draft_tokens(verify_token_s, acceptance):
     """The reference engine fills a packed forward up to a multiple of 4 tokens, so up to that round-up a

@@ -73,6 +73,11 @@ class CostModel:
         self._draft: dict[str, float] = dict(draft_costs or {})
         #: Batched drafters: seconds per chain position for the whole batch (not learned online).
         self.draft_step: dict[str, float] = dict(draft_step_costs or {})
+        #: Batched drafters: seconds per row they draft for beyond the chain, learned online (an EMA over steps
+        #: where one batched drafter ran). A head's propose first extends its cache over the positions the row
+        #: committed since the head last drafted for it, one pass that cost 6-100 ms here: what a sporadic use
+        #: (a probe, a head picked now and then) really costs, and what the per-position fit cannot see.
+        self._row_overhead: dict[str, float] = {}
         #: Frozen: keep the start-up values (benchmarks that must decide identically live and on replay).
         self.frozen = frozen
         #: The verify forward runs right-padded chunks (the reference engine says so: `set_padded_verify`):
@@ -143,6 +148,10 @@ class CostModel:
         """Seconds per chain position of a batched drafter for the whole batch (0 when priced per token)."""
         return self.draft_step.get(drafter, 0.0) if drafter else 0.0
 
+    def row_overhead(self, drafter: str | None) -> float:
+        """Seconds a batched drafter costs per row it drafts for, beyond its chain (its catch-up)."""
+        return self._row_overhead.get(drafter, 0.0) if drafter else 0.0
+
     def amortised_draft_cost(self, drafter: str | None, batch: int) -> float:
         """Per drafted token, a batched drafter's step cost shared by the batch's rows."""
         return self.draft_cost(drafter) + self.draft_step_cost(drafter) / max(1, batch)
@@ -168,7 +177,7 @@ class CostModel:
             depth: dict[str, int] = {}
             for k, d in zip(ks, drafters):
                 if k and d is not None:
-                    draft += k * self.draft_cost(d)
+                    draft += k * self.draft_cost(d) + self.row_overhead(d)
                     depth[d] = max(depth.get(d, 0), k)
             draft += sum(self.draft_step_cost(d) * k for d, k in depth.items())
         return self.step_time(tokens, n, any(ks)) + draft
@@ -211,6 +220,25 @@ class CostModel:
                 per[r.drafter] = per.get(r.drafter, 0) + n
         if per and not any(d in self.draft_step for d in per):  # batched drafters' step costs are given
             self.observe_draft(per, r0.draft_s)
+        elif per and not r0.prefill:
+            self._observe_row_overhead(recs, per, r0.draft_s)
+
+    def _observe_row_overhead(self, recs: list[StepRecord], per: dict[str, int], seconds: float) -> None:
+        """One EMA step of a batched drafter's per-row overhead: the step's drafting time less its chain
+        (positions x step cost + tokens x token cost) and the other drafters' tokens, over the rows it drafted
+        for. Steps where two batched drafters ran cannot separate them and teach nothing."""
+        batched = [d for d in per if d in self.draft_step]
+        if len(batched) != 1:
+            return
+        d = batched[0]
+        rows = [r for r in recs if r.drafter == d and r.k]
+        if not rows:
+            return
+        chain = self.draft_step[d] * max(r.k for r in rows) + self.draft_cost(d) * per[d]
+        others = sum(self.draft_cost(o) * n for o, n in per.items() if o != d)
+        each = max(0.0, (seconds - chain - others) / len(rows))
+        now = self._row_overhead.get(d, 0.0)
+        self._row_overhead[d] = now + self.draft_alpha * (each - now)
 
     def observe_verify(self, tokens: float, batch: int, seconds: float, spec: bool = False) -> None:
         """One RLS step on (tokens, batch, any draft verified) -> seconds. The speculation term is fitted only

@@ -349,17 +349,19 @@ class AtlasPolicy(PolicyBase):
         glob = self.glob
         stale = step - s.request_stale_steps
         pairs = list(zip(cand, cost))
+        # A batched drafter's per-row overhead (its catch-up) is paid once per row it drafts for.
+        fixed = [cm.row_overhead(self.names[d]) for d in cand]
         for _ in range(s.plan_iters if pairs else 1):
-            thr = [(d, c, lam * c) for d, c in pairs]
+            thr = [(d, c, lam * c, f) for (d, c), f in zip(pairs, fixed)]
             E = float(B)
             T = base_t
             for i, r in enumerate(rows):
                 kc = r.kcap
-                best_g, best_d, best_k, best_v, best_c, best_curve = 0.0, -1, 0, 0.0, 0.0, None
+                best_g, best_d, best_k, best_v, best_c, best_f, best_curve = 0.0, -1, 0, 0.0, 0.0, 0.0, None
                 if kc:
                     rc, tc, rs = r.cum, r.tenant.cum, r.seen
                     pk = r.peek if r.peek_step == step else None
-                    for d, c, t in thr:
+                    for d, c, t, f in thr:
                         curve = pk[d] if pk is not None else None
                         if curve is None:
                             curve = rc[d] if rs[d] >= stale else None
@@ -373,15 +375,15 @@ class AtlasPolicy(PolicyBase):
                             v += x
                             k += 1
                         if k:
-                            g = v - t * k
+                            g = v - t * k - lam * f
                             if g > best_g:
-                                best_g, best_d, best_k, best_v, best_c, best_curve = g, d, k, v, c, curve
+                                best_g, best_d, best_k, best_v, best_c, best_f, best_curve = g, d, k, v, c, f, curve
                 choice_d[i] = best_d
                 choice_k[i] = best_k
                 curves[i] = best_curve
                 if best_k:
                     E += best_v
-                    T += best_c * best_k
+                    T += best_c * best_k + best_f
             new = E / T
             done = abs(new - lam) <= s.plan_tol * lam
             lam = new
@@ -408,7 +410,7 @@ class AtlasPolicy(PolicyBase):
             self._fill_to_multiple(B, rows, cand, choice_d, choice_k, curves, lam)
 
         if s.explore_every and not capped:  # the hard cap means no drafting at all, exploration included
-            self._explore(step, B, rows, choice_d, choice_k, shadow=decode and not any(choice_k[:B]))
+            self._explore(step, B, rows, choice_d, choice_k, curves, shadow=decode and not any(choice_k[:B]))
         plans = self._plans
         out: list[Plan] = []
         last = self.last_used
@@ -523,7 +525,8 @@ class AtlasPolicy(PolicyBase):
             if d < 0 or not k or cm.draft_step_cost(self.names[d]) <= 0.0 or curves[i] is None:
                 continue
             v = sum(curves[i][:k])
-            gain[d] = gain.get(d, 0.0) + v - lam * (cm.b + cm.draft_cost(self.names[d])) * k
+            name = self.names[d]
+            gain[d] = gain.get(d, 0.0) + v - lam * ((cm.b + cm.draft_cost(name)) * k + cm.row_overhead(name))
             depth[d] = max(depth.get(d, 0), k)
         for d, g in gain.items():
             if g < lam * cm.draft_step_cost(self.names[d]) * depth[d]:
@@ -594,7 +597,7 @@ class AtlasPolicy(PolicyBase):
                     continue  # a chain position the batched drafter would not run otherwise
                 curve = curves[i] if choice_d[i] == d and curves[i] is not None else self._curve(rows[i], d, stale)
                 if k < len(curve):
-                    g = curve[k] - lam * cm.draft_cost(name)
+                    g = curve[k] - lam * (cm.draft_cost(name) + (0.0 if k else cm.row_overhead(name)))
                     if g > best[0]:
                         best = (g, d, curve)
             return best
@@ -615,7 +618,7 @@ class AtlasPolicy(PolicyBase):
         return self.lam * (cm.b + cm.amortised_draft_cost(self.names[d], batch)) < 1.0
 
     def _explore(self, step: int, B: int, rows: list[_Req], choice_d: list[int], choice_k: list[int],
-                 shadow: bool = False) -> None:
+                 curves: list, shadow: bool = False) -> None:
         """Each drafter unused for `explore_every` steps (a guarded one short of evidence: a quarter of that)
         drafts `explore_k` tokens for `explore_fraction` of the batch (at least one request), on a deterministic
         rotation, so its calibration and curves keep learning.
@@ -625,7 +628,9 @@ class AtlasPolicy(PolicyBase):
         `_extend` applies to each planned token) is not explored: no evidence could ever make the planner pick
         it at these costs. With padded verify every row pays the batch's widest chain: exploration rides along
         within the planned width, taken by every row that drafts nothing (the width is paid once, whatever the
-        number of rows using it; when every row has a plan, `explore_fraction` of them as usual).
+        number of rows using it; when every row has a plan, `explore_fraction` of them as usual). Ragged, a probe
+        goes to rows that draft nothing first (in rotation), then to the planned rows that expect least: a probe
+        displaces the row's own draft, which in a code phase was the suffix tree's ~1.3 expected tokens.
 
         `shadow` (a decode step with nothing planned): verifying an exploration draft would turn a plain forward
         into a speculative one (on this CPU ~30% dearer), so the draft is made but not verified: `trim` keeps it
@@ -662,8 +667,10 @@ class AtlasPolicy(PolicyBase):
                 rows[i].kcap and not rows[i].explore and not choice_k[i] for i in range(B))
             start = (self._explore_seed + step + 7919 * d) % B
             left = B if idle else n
-            for o in range(B):
-                i = (start + o) % B
+            order = [(start + o) % B for o in range(B)]
+            if not padded and not shadow:  # idle rows first, then the planned rows that expect least
+                order.sort(key=lambda i: sum(curves[i][:choice_k[i]]) if choice_k[i] and curves[i] else 0.0)
+            for i in order:
                 r = rows[i]
                 if r.kcap and not r.explore and not (idle and choice_k[i]):
                     r.explore = True
