@@ -584,6 +584,25 @@ def test_a_batched_heads_per_row_catch_up_is_learned_and_priced():
         free.expected_step_time([3, 0], ["static", None]) + 0.03, rel=1e-6)
 
 
+def test_a_probe_takes_the_idle_row_not_a_planned_one():
+    """Ragged, a probe replaces its row's own draft: with three rows planned on the suffix tree's peeked
+    matches and one without a match, every probe of the idle head goes to the row without a match."""
+    costs = CostModel(verify_fixed_s=0.1, verify_token_s=1e-4, draft_costs={"suffix": 0.0, "static": 0.002},
+                      frozen=True)  # a static token never pays at 5% acceptance, so it is only ever probed
+    pol = AtlasPolicy(["suffix", "static"], ControllerSettings(guarded=(), peek=("suffix",), peek_min_evidence=0,
+                                                               explore_every=1, prior_acceptance=0.05), costs=costs)
+    pol.set_padded_verify(False, 1)
+    states = [state(f"r{i}") for i in range(4)]
+    probed = []
+    for step in range(24):
+        pol.peeked("suffix", states, [Draft([5, 6, 7], [0.9, 0.9, 0.9])] * 3 + [Draft()])
+        plans = pol.plan(states)
+        if step:  # the first step probes both drafters (the suffix tree on the idle row)
+            assert [p.drafter for p in plans[:3]] == ["suffix"] * 3
+            probed += [i for i, p in enumerate(plans) if p.drafter == "static"]
+    assert probed and set(probed) == {3}
+
+
 @pytest.mark.parametrize("verify_token_s,acceptance", [(0.01, 0.5), (0.02, 0.6), (0.01, 0.8)])
 def test_a_packed_step_spends_its_round_up_on_draft_tokens(verify_token_s, acceptance):
     """The reference engine fills a packed forward up to a multiple of 4 tokens, so up to that round-up a
