@@ -437,22 +437,16 @@ class AtlasPolicy(PolicyBase):
         that gains most, while a token's survival beats its own draft cost (verifying it is already paid).
         With `request_floor_slack` set, a width that would take any row past its floor is not a candidate
         (`_within_floor`), and each row's account is charged the chosen plan. Returns the chosen plan's goodput."""
-        cm, step = self.costs, self.step
-        stale = step - self.settings.request_stale_steps
-        glob = self.glob
+        cm = self.costs
+        stale = self.step - self.settings.request_stale_steps
         dcs = [(d, cm.amortised_draft_cost(self.names[d], B)) for d in cand]
         # Per row and drafter: the curve and its cumulative gains g[k] = sum_{j<k} (C[j] - lam * dc), stopping at
         # the first token that does not pay for its drafting (the planner never skips a position).
         table = []
         for r in rows:
-            pk = r.peek if r.peek_step == step else None
             opts = []
             for d, dc in dcs:
-                curve = pk[d] if pk is not None else None
-                if curve is None:
-                    curve = r.cum[d] if r.seen[d] >= stale else None
-                if curve is None:
-                    curve = r.tenant.cum[d] or glob[d]
+                curve = self._curve(r, d, stale)
                 t = lam * dc
                 gains, vals, g, v = [0.0], [0.0], 0.0, 0.0
                 for x in curve[: r.kcap]:
@@ -540,11 +534,7 @@ class AtlasPolicy(PolicyBase):
         that depth, a row's further token costs only its verification (and per-row draft cost), so extend each
         row while its survival probability still pays for that."""
         cm = self.costs
-        depth: dict[int, int] = {}
-        for i in range(B):
-            d = choice_d[i]
-            if d >= 0 and cm.draft_step_cost(self.names[d]) > 0.0 and choice_k[i] > depth.get(d, 0):
-                depth[d] = choice_k[i]
+        depth = self._batched_depths(B, choice_d, choice_k)
         for i in range(B):
             d = choice_d[i]
             top = depth.get(d, 0)
@@ -556,6 +546,15 @@ class AtlasPolicy(PolicyBase):
             while k < kc and k < len(curve) and curve[k] > t:
                 k += 1
             choice_k[i] = k
+
+    def _batched_depths(self, B: int, choice_d: list[int], choice_k: list[int]) -> dict[int, int]:
+        """The deepest chain planned for each batched drafter: the positions it runs this step anyway."""
+        cm, depth = self.costs, {}
+        for i in range(B):
+            d = choice_d[i]
+            if d >= 0 and cm.draft_step_cost(self.names[d]) > 0.0 and choice_k[i] > depth.get(d, 0):
+                depth[d] = choice_k[i]
+        return depth
 
     def _curve(self, r: _Req, d: int, stale: int) -> list[float]:
         """The survival curve the planner uses for row r and drafter d: this step's peek, else the request's
@@ -579,10 +578,7 @@ class AtlasPolicy(PolicyBase):
         if not room:
             return
         stale = self.step - self.settings.request_stale_steps
-        depth: dict[int, int] = {}
-        for i in range(B):
-            if choice_d[i] >= 0 and choice_k[i] > depth.get(choice_d[i], 0):
-                depth[choice_d[i]] = choice_k[i]
+        depth = self._batched_depths(B, choice_d, choice_k)
 
         def best_next(i: int) -> tuple[float, int, list[float] | None]:
             """(gain, drafter, curve) of row i's best next token; gain <= 0 when none pays."""
