@@ -261,7 +261,8 @@ def load_or_measure(
     if path.is_file() and not remeasure:
         costs = StepCosts.from_json(json.loads(path.read_text()))
         probe = SpecEngine(target, {})  # a cache from another verify mode is stale
-        if (costs.padded, costs.multiple) == (probe.padded_verify, probe.verify_multiple) and all(n in costs.draft or n in costs.draft_step for n in drafters if n != "none"):
+        same_mode = (costs.padded, costs.multiple) == (probe.padded_verify, probe.verify_multiple)
+        if same_mode and all(n in costs.draft or n in costs.draft_step for n in drafters if n != "none"):
             return costs
     costs = measure_costs(target, drafters, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ from adaspec.kernels.reference import draft_topk_reference, greedy_verify_refere
 
 
 def test_importing_the_package_does_not_import_triton():
-    code = "import sys, adaspec.kernels.dispatch as k; k.draft_topk; assert 'triton' not in sys.modules, 'triton imported'"
+    code = ("import sys, adaspec.kernels.dispatch as k; k.draft_topk; "
+            "assert 'triton' not in sys.modules, 'triton imported'")
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
